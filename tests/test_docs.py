@@ -1,0 +1,66 @@
+"""The docs: README generated from index.ipynb, every chapter follows the Colab/docs
+conventions, and `nbdev-proc-nbs` (the docs build up to Quarto) succeeds."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _cells(nb):
+    return json.loads(nb.read_text())["cells"]
+
+
+def _src(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_readme_is_generated_from_index():
+    import make_readme
+    assert (ROOT / "README.md").read_text() == make_readme.render(), \
+        "README.md is stale: run `python tools/make_readme.py`"
+
+
+def test_readme_names_exactly_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    cmds = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    assert len(cmds) == 2, cmds
+    run_cmd, test_cmd = cmds
+    assert "moe-explained" in run_cmd and "pip install" in run_cmd
+    assert "pytest" in test_cmd and ".[dev]" in test_cmd
+    assert test_cmd in (ROOT / ".ci" / "run").read_text(), ".ci/run must run the README's test command"
+
+
+@pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
+def test_chapter_conventions(nb):
+    cells = _cells(nb)
+    first = _src(cells[0])
+    assert cells[0]["cell_type"] == "markdown" and re.match(r"# .+\n+> .+", first), \
+        f"{nb.name}: first cell must be '# Title' then '> summary'"
+    badge = f"colab.research.google.com/github/moe-explained/moe_explained/blob/main/nbs/{nb.name}"
+    assert badge in _src(cells[1]), f"{nb.name}: second cell must be the Open-in-Colab badge for this notebook"
+    install = _src(cells[2])
+    assert cells[2]["cell_type"] == "code" and "#| hide" in install and "#| eval: false" in install \
+        and "/content" in install and "pip install" in install, f"{nb.name}: third cell must be the hidden Colab install cell"
+    if nb.name != "index.ipynb":
+        assert any(_src(c).startswith("#| default_exp ") for c in cells if c["cell_type"] == "code"), \
+            f"{nb.name}: no #| default_exp"
+
+
+def test_nbdev_proc_nbs_succeeds(tmp_path):
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
+    shutil.copytree(ROOT / "moe_explained", tmp_path / "moe_explained", ignore=shutil.ignore_patterns("__pycache__"))
+    exe = Path(sys.executable).with_name("nbdev-proc-nbs")
+    res = subprocess.run([str(exe) if exe.exists() else "nbdev-proc-nbs"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert (tmp_path / "_proc").exists()

@@ -1,0 +1,40 @@
+"""One test per chapter notebook: execute it exactly as `nbdev-test` does.
+
+Each notebook runs in its own `nbdev-test` process, so cells flagged with any of
+`tst_flags` in `pyproject.toml` (`notest gpu slow`) are skipped, `#| eval: false`
+cells are skipped, and a notebook cannot leak state into the next one.
+Set `MOE_TEST_FLAGS="slow"` (space separated) to run flagged cells too, as
+`nbdev-test --flags slow` would.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
+
+
+def _nbdev_test_cmd(nb: Path) -> list[str]:
+    exe = Path(sys.executable).with_name("nbdev-test")
+    cmd = [str(exe) if exe.exists() else "nbdev-test", "--path", str(nb), "--n-workers", "0"]
+    flags = os.environ.get("MOE_TEST_FLAGS", "").strip()
+    if flags:
+        cmd += ["--flags", flags]
+    return cmd
+
+
+def test_there_are_notebooks():
+    assert (ROOT / "nbs" / "index.ipynb").exists()
+    assert any(p.name.startswith("00_") for p in NBS)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
+def test_notebook_runs(nb: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    res = subprocess.run(_nbdev_test_cmd(nb), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=int(os.environ.get("MOE_NB_TIMEOUT", "1200")))
+    assert res.returncode == 0, f"{nb.name} failed under nbdev-test:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}"
