@@ -19,7 +19,7 @@ NBS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith(
 
 def _nbdev_test_cmd(nb: Path) -> list[str]:
     exe = Path(sys.executable).with_name("nbdev-test")
-    cmd = [str(exe) if exe.exists() else "nbdev-test", "--path", str(nb), "--n-workers", "0"]
+    cmd = [str(exe) if exe.exists() else "nbdev-test", str(nb), "--n-workers", "0"]
     flags = os.environ.get("MOE_TEST_FLAGS", "").strip()
     if flags:
         cmd += ["--flags", flags]
