@@ -64,3 +64,32 @@ def test_nbdev_proc_nbs_succeeds(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert (tmp_path / "_proc").exists()
+
+
+def _mixed_import_cells(nb):
+    """Code cells that hold an import *and* other code. nbdev's docs processor executes every cell
+    that contains an import (to resolve `show_doc` links), so such a cell would run -- explorer,
+    training loop and all -- at docs-build time, without the notebook state it relies on."""
+    import ast
+    bad = []
+    for i, c in enumerate(_cells(nb)):
+        s = _src(c)
+        if c["cell_type"] != "code" or "#| eval: false" in s:
+            continue
+        if any(l.startswith(("#| export", "#| exporti", "#| exports", "#| exec_doc")) for l in s.splitlines()):
+            continue
+        try:
+            tree = ast.parse("\n".join(l for l in s.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        except SyntaxError:
+            continue
+        has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+        only_imports = all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
+        if has_import and not only_imports:
+            bad.append(f"cell {i}: {s[:80]!r}")
+    return bad
+
+
+@pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
+def test_imports_in_cells_of_their_own(nb):
+    bad = _mixed_import_cells(nb)
+    assert not bad, f"{nb.name}: move these imports into an imports-only cell:\n" + "\n".join(bad)
