@@ -16,9 +16,15 @@ from moe_explained.moe import (MOE_IMPLS, MixtralMoE, experts_forward, grouped_m
                                load_hub_state_dict, moe_dense_masked, moe_loop, moe_sorted, register_experts_impl,
                                silu_and_mul, to_hf_block, to_hub_state_dict)
 
-torch.set_grad_enabled(False)
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # fp32, outputs of magnitude ~1
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    "Forward passes only -- scoped to each test, so other test modules in the same worker keep autograd."
+    with torch.no_grad():
+        yield
 
 
 def brute_force(x, idx, w, gate_up, down):
