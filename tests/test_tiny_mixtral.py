@@ -9,9 +9,9 @@ import torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from moe_explained.train import (DOMAINS, PROMPTS, RESULTS_PATH, TINY_MIXTRAL_PATH, evaluate,  # noqa: E402
-                                 expert_usage, math_documents, pack_blocks, param_counts, sample_text, stdlib_documents,
-                                 tiny_mixtral, tokenize_corpus, Corpus)
+from moe_explained.data import DOMAINS, Corpus, math_documents, pack_blocks, stdlib_documents, tokenize_corpus  # noqa: E402
+from moe_explained.train import (PROMPTS, RESULTS_PATH, TINY_MIXTRAL_PATH, evaluate, expert_usage, param_counts,  # noqa: E402
+                                 sample_text, tiny_mixtral)
 
 
 @pytest.fixture(autouse=True, scope='module')
