@@ -40,9 +40,13 @@ def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
             out.append(f"```python\n{src}\n```")
         if d.get("output", ["true"])[0] == "false":
             continue
+        stream = "".join(_text(o["text"]) for o in cell.get("outputs", [])
+                         if o.get("output_type") == "stream" and o.get("name") == "stdout")
+        if stream.strip():
+            out.append("```\n" + stream.rstrip() + "\n```")
         for o in cell.get("outputs", []):
             if o.get("output_type") == "stream":
-                out.append("```\n" + _text(o["text"]).rstrip() + "\n```")
+                continue
             elif "data" in o:
                 data = o["data"]
                 if "text/markdown" in data:
