@@ -6,7 +6,7 @@ Docs: https://moe-explained.github.io/moe_explained/dense.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'PARTS', 'SwiGLU', 'llama_ffn_dim', 'check_config_dict', 'ParamCount', 'count_params', 'plot_params',
-           'moe_variant', 'explore_moe']
+           'moe_variant', 'widgets_live', 'explore_moe']
 
 # %% ../nbs/00_dense.ipynb #353f011e
 import os, sys
@@ -325,8 +325,8 @@ def moe_variant(base: str = 'mixtral-8x7b', E: int | None = None, k: int | None 
     if d_ff is not None: d[a['d_ff_expert']] = d_ff
     return count_params(d, name=f"{key} E={d[a['n_experts']]} k={d['num_experts_per_tok']} d_ff={d[a['d_ff_expert']]}")
 
-def _widgets_live() -> bool:
-    "True when a notebook frontend can render ipywidgets: an IPython kernel, not under nbdev-test or nbconvert/papermill."
+def widgets_live() -> bool:
+    "True when a person's notebook frontend can render ipywidgets (Jupyter, Colab); False under nbdev-test, nbconvert, papermill and plain Python. Every chapter's explorer shows sliders when this is True and a static figure otherwise."
     if os.environ.get('IN_TEST') or os.environ.get('MOE_EXPLAINED_STATIC'): return False
     try:
         from IPython import get_ipython
@@ -361,7 +361,7 @@ def _explorer_figure(base, E, k, d_ff, E_max=64):
 def explore_moe(base: str = 'mixtral-8x7b', interactive: bool | None = None):
     "Sliders for E, top-k and expert d_ff that recount `base` (`.count`: the current `ParamCount`); a static figure when no widget frontend runs."
     pc0 = moe_variant(base)
-    if interactive is None: interactive = _widgets_live()
+    if interactive is None: interactive = widgets_live()
     if not interactive:
         fig, _ = _explorer_figure(base, pc0.n_experts, pc0.top_k, pc0.d_ff_expert)
         return fig

@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from moe_explained.configs import CONFIGS, PUBLISHED, get_config, load_config
 from moe_explained.dense import (ParamCount, SwiGLU, count_params, explore_moe, llama_ffn_dim, moe_variant,
-                                 plot_params, _widgets_live)
+                                 plot_params, widgets_live)
 
 B = 1e9
 
@@ -256,7 +256,7 @@ def test_plots_are_static_without_a_frontend(monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     monkeypatch.setenv("IN_TEST", "1")
-    assert _widgets_live() is False
+    assert widgets_live() is False
     fig = explore_moe("olmoe-1b-7b")
     assert isinstance(fig, plt.Figure) and len(fig.axes) == 2
     fig2 = plot_params([count_params("mixtral-8x7b"), count_params("llama-2-7b")])
