@@ -88,7 +88,7 @@ def main(argv=None):
                cpu=cpu_model(), threads=a.threads, default_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                loadavg_start=list(os.getloadavg()), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
                shape=dict(hidden=a.hidden, intermediate=a.intermediate, experts=a.experts, top_k=a.top_k),
-               note='shared machine: other jobs ran concurrently; implementations interleaved within each repeat',
+               note='implementations interleaved within each repeat, in a fresh random order; loadavg_start/loadavg_end record the background load',
                grouped_mm_works={n: grouped_mm_works(device, d) for n, d in DTYPES.items() if n in a.dtypes})
     print(json.dumps(env, indent=1))
     results, skipped = [], []
