@@ -5,3 +5,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _venv_tool(name: str) -> str:
+    "The console script `name` of the running interpreter's environment (so tests use this venv's nbdev etc.)."
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
+
+
+@pytest.fixture
+def venv_tool():
+    return _venv_tool
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    "A scratch copy of what nbdev's commands read and write: pyproject, README, nbs/, the package (without the model)."
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
+    shutil.copytree(ROOT / "moe_explained", tmp_path / "moe_explained",
+                    ignore=shutil.ignore_patterns("__pycache__", "models"))
+    return tmp_path

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,19 +13,14 @@ from moe_explained.dense import count_params
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _script():
-    exe = Path(sys.executable).with_name("moe-explained")
-    return [str(exe)] if exe.exists() else ["moe-explained"]
-
-
-def test_installed_script_params():
-    res = subprocess.run(_script() + ["params", "mixtral-8x7b"], capture_output=True, text=True, env=ENV, timeout=300)
+def test_installed_script_params(venv_tool):
+    res = subprocess.run([venv_tool("moe-explained")] + ["params", "mixtral-8x7b"], capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "46,702,792,704" in res.stdout and "12,879,925,248" in res.stdout and "45,097,156,608" in res.stdout
 
 
-def test_installed_script_unknown_name_exits_2_without_traceback():
-    res = subprocess.run(_script() + ["params", "mixtral-8x9b"], capture_output=True, text=True, env=ENV, timeout=300)
+def test_installed_script_unknown_name_exits_2_without_traceback(venv_tool):
+    res = subprocess.run([venv_tool("moe-explained")] + ["params", "mixtral-8x9b"], capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "unknown model 'mixtral-8x9b'" in res.stderr and all(n in res.stderr for n in CONFIGS)

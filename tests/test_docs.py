@@ -2,7 +2,6 @@
 conventions, and `nbdev-proc-nbs` (the docs build up to Quarto) succeeds."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,16 +53,10 @@ def test_chapter_conventions(nb):
             f"{nb.name}: no #| default_exp"
 
 
-def test_nbdev_proc_nbs_succeeds(tmp_path):
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
-    shutil.copytree(ROOT / "moe_explained", tmp_path / "moe_explained", ignore=shutil.ignore_patterns("__pycache__"))
-    exe = Path(sys.executable).with_name("nbdev-proc-nbs")
-    res = subprocess.run([str(exe) if exe.exists() else "nbdev-proc-nbs"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
+def test_nbdev_proc_nbs_succeeds(project_copy, venv_tool):
+    res = subprocess.run([venv_tool("nbdev-proc-nbs")], cwd=project_copy, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert (tmp_path / "_proc").exists()
+    assert (project_copy / "_proc").exists()
 
 
 def _mixed_import_cells(nb):

@@ -1,30 +1,14 @@
 """The exported modules are exactly what `nbdev-export` makes of the notebooks,
 and the notebooks are clean (what `nbdev-clean` leaves)."""
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool(name):
-    exe = Path(sys.executable).with_name(name)
-    return str(exe) if exe.exists() else name
-
-
-def _copy_project(dst: Path):
-    for name in ("pyproject.toml", "README.md"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, dst / name)
-    shutil.copytree(ROOT / "nbs", dst / "nbs")
-    shutil.copytree(ROOT / "moe_explained", dst / "moe_explained",
-                    ignore=shutil.ignore_patterns("__pycache__", "models"))
-
-
-def test_nbdev_export_leaves_modules_unchanged(tmp_path):
-    _copy_project(tmp_path)
-    res = subprocess.run([_tool("nbdev-export")], cwd=tmp_path, capture_output=True, text=True)
+def test_nbdev_export_leaves_modules_unchanged(project_copy, venv_tool):
+    tmp_path = project_copy
+    res = subprocess.run([venv_tool("nbdev-export")], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     ours = sorted(p.relative_to(ROOT) for p in (ROOT / "moe_explained").glob("*.py"))
     theirs = sorted(p.relative_to(tmp_path) for p in (tmp_path / "moe_explained").glob("*.py"))
@@ -33,9 +17,9 @@ def test_nbdev_export_leaves_modules_unchanged(tmp_path):
     assert not changed, f"edit the notebooks, not these exported files (or run nbdev-export): {changed}"
 
 
-def test_notebooks_are_clean(tmp_path):
-    _copy_project(tmp_path)
-    res = subprocess.run([_tool("nbdev-clean")], cwd=tmp_path, capture_output=True, text=True)
+def test_notebooks_are_clean(project_copy, venv_tool):
+    tmp_path = project_copy
+    res = subprocess.run([venv_tool("nbdev-clean")], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     dirty = [p.name for p in sorted((ROOT / "nbs").glob("*.ipynb"))
              if p.read_text() != (tmp_path / "nbs" / p.name).read_text()]

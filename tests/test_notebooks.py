@@ -8,7 +8,6 @@ Set `MOE_TEST_FLAGS="slow"` (space separated) to run flagged cells too, as
 """
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
 
 
-def _nbdev_test_cmd(nb: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("nbdev-test")
-    cmd = [str(exe) if exe.exists() else "nbdev-test", str(nb), "--n-workers", "0"]
+def _nbdev_test_cmd(nb: Path, venv_tool) -> list[str]:
+    cmd = [venv_tool("nbdev-test"), str(nb), "--n-workers", "0"]
     flags = os.environ.get("MOE_TEST_FLAGS", "").strip()
     if flags:
         cmd += ["--flags", flags]
@@ -33,8 +31,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
-def test_notebook_runs(nb: Path):
+def test_notebook_runs(nb: Path, venv_tool):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    res = subprocess.run(_nbdev_test_cmd(nb), cwd=ROOT, env=env, capture_output=True, text=True,
+    res = subprocess.run(_nbdev_test_cmd(nb, venv_tool), cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=int(os.environ.get("MOE_NB_TIMEOUT", "1200")))
     assert res.returncode == 0, f"{nb.name} failed under nbdev-test:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}"
