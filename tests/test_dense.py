@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from moe_explained.configs import CONFIGS, PUBLISHED, get_config, load_config
-from moe_explained.dense import (ParamCount, SwiGLU, count_params, explore_moe, llama_ffn_dim, moe_variant,
+from moe_explained.dense import (SwiGLU, count_params, explore_moe, llama_ffn_dim, moe_variant,
                                  plot_params, widgets_live)
 
 B = 1e9

@@ -8,7 +8,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_explained import moe as M

@@ -44,7 +44,7 @@ def test_matched_baselines():
 
 def _measured(model, B, T, backward):
     model.set_attn_implementation('eager')
-    if kind := getattr(model.config, 'num_local_experts', None): model.set_experts_implementation('eager')
+    if getattr(model.config, 'num_local_experts', None): model.set_experts_implementation('eager')
     x = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as fc:
         out = model(input_ids=x, labels=x)
