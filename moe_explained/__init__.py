@@ -1,8 +1,8 @@
 __version__ = "0.0.1"
 
 # `import moe_explained` stays cheap (no torch import); the packaged model is one attribute away:
-#   model, tokenizer = moe_explained.tiny_mixtral()      (chapter 05, moe_explained/train.py)
-_LAZY = {"tiny_mixtral": "train", "TINY_MIXTRAL_PATH": "train"}
+#   model, tokenizer = moe_explained.tiny_mixtral()      (chapter 05 trains it; moe_explained/pretrained.py loads it)
+_LAZY = {"tiny_mixtral": "pretrained", "TINY_MIXTRAL_PATH": "pretrained"}
 
 
 def __getattr__(name):

@@ -6,7 +6,7 @@ Docs: https://moe-explained.github.io/moe_explained/capacity.html.md"""
 
 # %% auto #0
 __all__ = ['expert_capacity', 'route_with_capacity', 'dropped_fraction', 'dispatch_combine_tensors', 'capacity_moe_einsum',
-           'capacity_moe_indexed', 'dropless_moe']
+           'capacity_moe_indexed', 'sort_by_expert', 'dropless_moe']
 
 # %% ../nbs/03_capacity.ipynb #907234bc
 import math
@@ -140,6 +140,14 @@ def capacity_moe_indexed(x:torch.Tensor, # `[T, d_model]` tokens
     return x.new_zeros(T, out.shape[1]).index_add_(0, t, weights * out[slot])
 
 # %% ../nbs/03_capacity.ipynb #6c32de6b
+def sort_by_expert(top_k_index:torch.Tensor, # `[T, k]` chosen experts
+                   num_experts:int, # `E`
+                  )->tuple: # (order `[T*k]`, token `[T*k]`, counts `[E]`)
+    "Group the `T*k` assignments by expert (stable): sorted row `r` is flat assignment `order[r]` of token `token[r]`; expert `e` owns `counts[e]` consecutive rows."
+    flat = top_k_index.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    return order, order // top_k_index.shape[1], torch.bincount(flat, minlength=num_experts)
+
 def dropless_moe(x:torch.Tensor, # `[T, d_model]` tokens
                  top_k_index:torch.Tensor, # `[T, k]` chosen experts
                  top_k_weights:torch.Tensor, # `[T, k]` gate weights
@@ -148,10 +156,9 @@ def dropless_moe(x:torch.Tensor, # `[T, d_model]` tokens
     "MoE layer without capacity (MegaBlocks §4): sort assignments by expert, run each expert on its variable-size group, un-permute, weight."
     E = _check_moe_input(x, top_k_index, top_k_weights, experts)
     T, k = top_k_index.shape
-    flat = top_k_index.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)                       # assignments grouped by expert
-    ends = torch.bincount(flat, minlength=E).cumsum(0).tolist()    # group boundaries
-    xs = x[order // k]                                             # token of each sorted assignment
+    order, token, counts = sort_by_expert(top_k_index, E)
+    ends = counts.cumsum(0).tolist()                               # group boundaries
+    xs = x[token]                                                  # token of each sorted assignment
     ys = [experts[e](xs[start:end]) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
     y = torch.empty(T * k, x.shape[1] if not ys else ys[0].shape[1], dtype=x.dtype, device=x.device)
     if ys: y[order] = torch.cat(ys)                                # un-permute

@@ -109,7 +109,9 @@ def read_config_file(path) -> dict:
     p = Path(os.fspath(path)).expanduser()
     if p.is_dir(): p = p / 'config.json'
     if not p.is_file(): raise ValueError(f"no config.json at {str(path)!r}")
-    try: d = json.loads(p.read_text())
+    try: d = json.loads(p.read_text(encoding='utf-8'))
+    except UnicodeDecodeError: raise ValueError(f"{p} is not a text file (a config.json is JSON text); "
+                                                f"did you pass a weights file instead of its config.json?") from None
     except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"{p} does not hold a JSON object")
     return d
@@ -122,10 +124,19 @@ def resolve_config(name_or_path) -> tuple:
     raise ValueError(f"unknown model {str(name_or_path)!r} (not a shipped config, not a path to a config.json); "
                      f"known models: {', '.join(CONFIGS)}")
 
-def load_config(name_or_path):
-    "A transformers config for a shipped name, a config dict, or a local config.json / folder holding one."
+def load_config(name_or_path, check=None):
+    """A transformers config for a shipped name, a config dict, or a local config.json / folder holding one.
+    `check(d, source)`, if given, vets the raw dict before transformers fills in defaults (chapter 00's
+    `check_config_dict`). A shipped name becomes the config's `name_or_path`."""
     from transformers import PretrainedConfig
     if isinstance(name_or_path, PretrainedConfig): return name_or_path
-    if isinstance(name_or_path, dict): return config_from_dict(name_or_path)
-    name, d = resolve_config(name_or_path)
-    return config_from_dict(d, repr(name))
+    if isinstance(name_or_path, dict): name, d, source = None, name_or_path, 'config'
+    elif isinstance(name_or_path, (str, os.PathLike)):
+        name, d = resolve_config(name_or_path)
+        source = repr(name)
+    else: raise ValueError(f"config must be a dict, a transformers PretrainedConfig, a shipped model name or a path, "
+                           f"not {type(name_or_path).__name__}")
+    if check is not None: check(d, source)
+    cfg = config_from_dict(d, source)
+    if name and not getattr(cfg, 'name_or_path', ''): cfg.name_or_path = name
+    return cfg

@@ -6,12 +6,10 @@ Docs: https://moe-explained.github.io/moe_explained/dense.html.md"""
 
 # %% auto #0
 __all__ = ['ARCHS', 'PARTS', 'SwiGLU', 'llama_ffn_dim', 'check_config_dict', 'ParamCount', 'count_params', 'plot_params',
-           'moe_variant', 'widgets_live', 'explore_moe']
+           'moe_variant', 'explore_moe']
 
 # %% ../nbs/00_dense.ipynb #353f011e
-import os, sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +74,7 @@ def llama_ffn_dim(d_model: int, multiple_of: int = 256, ffn_dim_multiplier: floa
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
 
 # %% ../nbs/00_dense.ipynb #a9c22f4f
-from .configs import CONFIGS, config_from_dict, get_config, resolve_config
+from .configs import CONFIGS, load_config, resolve_config
 
 # %% ../nbs/00_dense.ipynb #d3e37318
 ARCHS = {  # model_type -> config field names for the MoE parts, and which attention/norm variant the model uses
@@ -164,14 +162,17 @@ class ParamCount:
         if not self.n_moe_layers: return self.total
         return self.total - self.n_moe_layers * (self.n_experts - self.top_k) * self.expert_size
 
+    def matmul(self, active: bool = True) -> int:
+        "Weights multiplied per token: all but the embedding lookup and the norms, the LM head counted once even when tied."
+        return (self.active if active else self.total) - self.embed - self.norms - self.lm_head + self.vocab_size * self.d_model
+
     def flops_per_token(self, n_ctx: int = 4096, active: bool = True, training: bool = False, attn_av: bool = False) -> int:
         """Forward FLOPs per token, Kaplan et al. 2020 Table 1: C = 2N + 2 n_layer n_ctx d_attn.
-        N counts every weight used in a matmul (all but the embedding lookup and the norms; `active=False`: as if
-        every expert ran). `attn_av` adds the attention-weights-times-values product that Kaplan's table leaves out
+        N counts every weight used in a matmul (`matmul`: all but the embedding lookup and the norms, a tied LM head
+        included; `active=False`: as if every expert ran). `attn_av` adds the attention-weights-times-values product that Kaplan's table leaves out
         (2 n_layer n_ctx d_v). `training` multiplies by 3 (backward = 2 x forward)."""
         if not isinstance(n_ctx, int) or n_ctx < 0: raise ValueError(f"n_ctx must be a non-negative integer, got {n_ctx!r}")
-        n = (self.active if active else self.total) - self.embed - self.norms
-        fwd = 2 * n + 2 * self.n_layers * n_ctx * (self.d_attn + (self.d_v if attn_av else 0))
+        fwd = 2 * self.matmul(active) + 2 * self.n_layers * n_ctx * (self.d_attn + (self.d_v if attn_av else 0))
         return 3 * fwd if training else fwd
 
     def bytes_at(self, bits: float = 16, active: bool = False) -> float:
@@ -230,18 +231,7 @@ def count_params(config, name: str | None = None) -> ParamCount:
     """Count the parameters of a decoder-only transformers model (llama, mistral, mixtral, qwen3_moe, olmoe,
     deepseek_v2) from `config`: a config dict, a transformers `PretrainedConfig`, a shipped name, or a path to a
     config.json. Exact: equals `sum(p.numel())` of the model transformers builds. Does not handle other model types."""
-    from transformers import PretrainedConfig
-    if isinstance(config, PretrainedConfig): cfg = config
-    elif isinstance(config, dict):
-        check_config_dict(config)
-        name, cfg = name or config.get('_name_or_path') or config['model_type'], config_from_dict(config)
-    elif isinstance(config, (str, os.PathLike)):
-        key, d = resolve_config(config)
-        check_config_dict(d, repr(key))
-        name, cfg = name or key, config_from_dict(d, repr(key))
-    else:
-        raise ValueError(f"config must be a dict, a transformers PretrainedConfig, a shipped model name or a path, "
-                         f"not {type(config).__name__}")
+    cfg = load_config(config, check=check_config_dict)
     mt = getattr(cfg, 'model_type', None)
     if mt not in ARCHS: raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(ARCHS)}")
     a = ARCHS[mt]
@@ -313,6 +303,9 @@ def plot_params(counts, bits=(16, 8, 4, 3, 2), gpus=(('Colab T4', 16), ('A100/H1
     fig.tight_layout()
     return fig
 
+# %% ../nbs/00_dense.ipynb #bdbbd2ea
+from .widgets import widgets_live
+
 # %% ../nbs/00_dense.ipynb #7bc3f9b6
 def moe_variant(base: str = 'mixtral-8x7b', E: int | None = None, k: int | None = None, d_ff: int | None = None) -> ParamCount:
     "Count a shipped MoE config with E experts, top-k k and expert width d_ff replaced (None keeps the published value)."
@@ -324,19 +317,6 @@ def moe_variant(base: str = 'mixtral-8x7b', E: int | None = None, k: int | None 
     if k is not None: d['num_experts_per_tok'] = k
     if d_ff is not None: d[a['d_ff_expert']] = d_ff
     return count_params(d, name=f"{key} E={d[a['n_experts']]} k={d['num_experts_per_tok']} d_ff={d[a['d_ff_expert']]}")
-
-def widgets_live() -> bool:
-    "True when a person's notebook frontend can render ipywidgets (Jupyter, Colab); False under nbdev-test, nbconvert, papermill and plain Python. Every chapter's explorer shows sliders when this is True and a static figure otherwise."
-    if os.environ.get('IN_TEST') or os.environ.get('MOE_EXPLAINED_STATIC'): return False
-    try:
-        from IPython import get_ipython
-        ip = get_ipython()
-    except ImportError: return False
-    if ip is None or not hasattr(ip, 'kernel'): return False
-    if 'google.colab' in sys.modules: return True
-    try: parent = Path(f'/proc/{os.getppid()}/cmdline').read_bytes().decode(errors='ignore')
-    except OSError: return True
-    return not any(s in parent for s in ('nbconvert', 'nbclient', 'papermill', 'nbdev'))
 
 def _explorer_figure(base, E, k, d_ff, E_max=64):
     import matplotlib.pyplot as plt

@@ -9,9 +9,10 @@ __all__ = ['load_balancing_loss', 'switch_load_balancing_loss', 'cv_squared', 'i
            'router_z_loss']
 
 # %% ../nbs/02_losses.ipynb #7c5214ea
-import math
 import torch
 import torch.nn.functional as F
+
+from .routing import _check_k
 
 # %% ../nbs/02_losses.ipynb #d422ce69
 def _layers(router_logits, name='router_logits'):
@@ -43,11 +44,6 @@ def _token_weights(attention_mask, T, device):
     if m.sum() <= 0: raise ValueError('attention_mask has no real tokens (it sums to 0)')
     return m
 
-def _check_k(top_k, E, name='top_k', hi=None):
-    hi = E if hi is None else hi
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= hi:
-        raise ValueError(f'{name} must be an integer in [1, {hi}] for {E} experts, got {top_k!r}')
-
 def _dispatch_and_prob(layers, top_k, m):
     "Pooled f_i (fraction of tokens with i in their top-k) and P_i (mean router probability) over all layers."
     E = layers[0].shape[-1]
@@ -74,7 +70,7 @@ def load_balancing_loss(router_logits, num_experts:int, top_k:int=2, attention_m
     layers = _layers(router_logits)
     E = layers[0].shape[-1]
     if num_experts != E: raise ValueError(f'num_experts={num_experts} but the router logits have {E} experts (last dim)')
-    _check_k(top_k, E)
+    _check_k(top_k, E, 'top_k')
     f, P = _dispatch_and_prob(layers, top_k, _token_weights(attention_mask, layers[0].shape[0], layers[0].device))
     return E * (f * P).sum()
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .capacity import sort_by_expert
 from .routing import Router
 
 # %% ../nbs/04_mixtral_moe.ipynb #4463b76b
@@ -26,8 +27,9 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 # %% ../nbs/04_mixtral_moe.ipynb #f955c175
-def _check_moe_inputs(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor):
-    "Raise a `ValueError` naming the problem if the tensors of an MoE call do not fit together."
+def _check_moe_inputs(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                      check_ids: bool = True):
+    "Raise a `ValueError` naming the problem if the tensors of an MoE call do not fit together (ids: only if `check_ids`, a host sync)."
     if x.dim() != 2: raise ValueError(f"hidden states must be 2-D [T, H], got shape {tuple(x.shape)}")
     if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
         raise ValueError(f"gate_up_proj must be [E, 2I, H] and down_proj [E, H, I]; got shapes "
@@ -45,15 +47,15 @@ def _check_moe_inputs(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gat
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights shape {tuple(top_k_weights.shape)} must equal top_k_index shape "
                          f"{tuple(top_k_index.shape)}")
-    if top_k_index.numel():
+    if check_ids and top_k_index.numel():
         lo, hi = int(top_k_index.min()), int(top_k_index.max())
         if lo < 0 or hi >= E: raise ValueError(f"top_k_index holds expert ids outside [0, {E}): min {lo}, max {hi}")
 
 # %% ../nbs/04_mixtral_moe.ipynb #a6639403
 def moe_loop(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-             gate_fn: Callable[[Tensor], Tensor] = silu_and_mul) -> Tensor:
+             gate_fn: Callable[[Tensor], Tensor] = silu_and_mul, check_ids: bool = True) -> Tensor:
     "Sparse MoE by looping over experts and gathering each one's tokens (Mistral reference / transformers `eager`)."
-    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj, check_ids)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(top_k_index == e)          # which tokens chose e, and in which of their k slots
@@ -102,16 +104,14 @@ def _segment_linear(xs: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
 
 # %% ../nbs/04_mixtral_moe.ipynb #b36b12e2
 def moe_sorted(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-               gate_fn: Callable[[Tensor], Tensor] = silu_and_mul, use_grouped_mm: bool | None = None) -> Tensor:
+               gate_fn: Callable[[Tensor], Tensor] = silu_and_mul, use_grouped_mm: bool | None = None,
+               check_ids: bool = True) -> Tensor:
     "Dropless sparse MoE: sort (token, slot) pairs by expert, run each expert on its contiguous group (grouped matmul)."
-    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj, check_ids)
     T, k = top_k_index.shape
     E = gate_up_proj.shape[0]
     if T == 0: return torch.zeros_like(x)
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)                 # [S] pairs grouped by expert
-    token = order // k                                       # [S] token of each sorted pair
-    counts = torch.bincount(flat, minlength=E)               # [E] group sizes
+    order, token, counts = sort_by_expert(top_k_index, E)    # [S] pairs grouped by expert, their tokens; [E] sizes
     xs = x[token].to(gate_up_proj.dtype)                     # [S, H] gathered, contiguous per expert
     if use_grouped_mm is None: use_grouped_mm = grouped_mm_works(x.device, gate_up_proj.dtype)
     if use_grouped_mm:
@@ -129,9 +129,9 @@ def moe_sorted(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_pr
 
 # %% ../nbs/04_mixtral_moe.ipynb #9d21d843
 def moe_dense_masked(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-                     gate_fn: Callable[[Tensor], Tensor] = silu_and_mul) -> Tensor:
+                     gate_fn: Callable[[Tensor], Tensor] = silu_and_mul, check_ids: bool = True) -> Tensor:
     "For teaching: every expert on every token, then mask with the routing weights. Costs E/k times the sparse FLOPs."
-    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    _check_moe_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj, check_ids)
     T, E = x.shape[0], gate_up_proj.shape[0]
     h = gate_fn(torch.matmul(x.to(gate_up_proj.dtype), gate_up_proj.transpose(-2, -1)))  # [E, T, I]
     y = torch.matmul(h.to(down_proj.dtype), down_proj.transpose(-2, -1))                 # [E, T, H]
@@ -165,7 +165,7 @@ class MixtralMoE(nn.Module):
             raise ValueError(f"expected hidden size {self.hidden_size} in the last dim, got shape {tuple(hidden_states.shape)}")
         x = hidden_states.reshape(-1, self.hidden_size)
         _, top_k_weights, top_k_index = self.router(x)
-        y = MOE_IMPLS[self.impl](x, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+        y = MOE_IMPLS[self.impl](x, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, check_ids=False)
         return y.reshape(hidden_states.shape)
 
     def extra_repr(self):
@@ -259,7 +259,7 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     w_out = experts.down_proj
     if getattr(experts, 'is_transposed', False):                 # stored [E, in, out]: view as [E, out, in]
         w_in, w_out = w_in.transpose(-2, -1), w_out.transpose(-2, -1)
-    return MOE_IMPLS[impl](hidden_states, top_k_index, top_k_weights, w_in, w_out, gate_fn=gate_fn)
+    return MOE_IMPLS[impl](hidden_states, top_k_index, top_k_weights, w_in, w_out, gate_fn=gate_fn, check_ids=False)
 
 def register_experts_impl(name: str = 'moe_explained', impl: str = 'sorted') -> str:
     "Register `impl` under `name` in transformers' `ALL_EXPERTS_FUNCTIONS`; then `model.set_experts_implementation(name)`."

@@ -14,14 +14,17 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% ../nbs/01_routing.ipynb #f5834c94
-def _check_k(k, num_experts, name='k'):
+def _check_k(k, num_experts, name='k', hi=None):
+    "Raise a ValueError naming `name` unless `k` is an int in [1, hi] (`hi` defaults to `num_experts`)."
+    hi = num_experts if hi is None else hi
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"{name} must be an int, got {k!r}")
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"{name}={k} is out of range: need 1 <= {name} <= number of experts ({num_experts})")
+        raise ValueError(f"{name} must be an integer, got {k!r}")
+    if not 1 <= k <= hi:
+        raise ValueError(f"{name}={k} is out of range: need an integer in [1, {hi}] for {num_experts} experts")
 
 def topk_softmax(logits: torch.Tensor, # [..., E] router logits, any float dtype
                  k: int,               # experts per token, 1 <= k <= E
+                 renormalize: bool = True, # False: keep the softmax probabilities (Qwen/OLMoE's norm_topk_prob=False)
                 ):                     # (top_k_weights [..., k] float32, top_k_index [..., k] int64)
     "Softmax over all E experts in float32, keep the k largest, renormalise them to sum to 1 (transformers' order)."
     if not torch.is_tensor(logits) or logits.ndim < 1 or not logits.is_floating_point():
@@ -29,7 +32,7 @@ def topk_softmax(logits: torch.Tensor, # [..., E] router logits, any float dtype
     _check_k(k, logits.shape[-1])
     probs = F.softmax(logits.float(), dim=-1)
     top_k_weights, top_k_index = torch.topk(probs, k, dim=-1)
-    top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
+    if renormalize: top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
     return top_k_weights, top_k_index
 
 # %% ../nbs/01_routing.ipynb #aa207a82

@@ -11,8 +11,10 @@ import torch
 from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
-from moe_explained.analysis import (RoutingTrace, color_tokens_html, expert_shares, find_moe_blocks, plot_colored_text,
-                                    plot_expert_shares, random_repeat_baselines, record_routing, repeat_rates)
+from helpers import assert_same_topk
+from moe_explained.analysis import (color_tokens_html, expert_shares, plot_colored_text, plot_expert_shares,
+                                    random_repeat_baselines, repeat_rates)
+from moe_explained.trace import RoutingTrace, check_routing, find_moe_blocks, record_routing
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8)
@@ -63,7 +65,7 @@ def test_recorded_choice_matches_router_recomputed_from_hidden_states(recorded):
     for layer, _, _, router in find_moe_blocks(model):
         lg, e, w = _reference_router(tr.hidden_at(layer), router.weight.float(), tr.k, renorm)
         torch.testing.assert_close(tr.logits_at(layer), lg, atol=1e-5, rtol=1e-5)
-        assert torch.equal(tr.experts_at(layer), e)
+        assert_same_topk(tr.experts_at(layer), e, lg, atol=1e-5)
         torch.testing.assert_close(tr.weights_at(layer), w, atol=1e-6, rtol=1e-5)
     assert torch.equal(tr.first_expert, tr.experts[..., 0])
 
@@ -74,7 +76,7 @@ def test_padding_is_not_recorded_and_does_not_change_routing(recorded):
         alone = record_routing(model, [ids])
         a, b = tr.offsets[j], tr.offsets[j + 1]
         torch.testing.assert_close(alone.router_logits, tr.router_logits[:, a:b], atol=1e-5, rtol=1e-5)
-        assert torch.equal(alone.experts, tr.experts[:, a:b])
+        assert_same_topk(alone.experts, tr.experts[:, a:b], tr.router_logits[:, a:b], atol=1e-5)
 
 
 def test_save_load_roundtrip(recorded, tmp_path):
@@ -111,7 +113,7 @@ def test_probabilities_returned_as_router_logits_are_stored_as_log_probs():
     finally:
         del model.forward
     torch.testing.assert_close(tr.router_logits.softmax(-1), ref.router_logits.softmax(-1), atol=1e-6, rtol=1e-5)
-    assert torch.equal(tr.experts, ref.experts)
+    assert_same_topk(tr.experts, ref.experts, ref.router_logits, atol=1e-5)
 
 
 def test_bad_input():
@@ -244,7 +246,8 @@ def test_strings_with_tokenizer_and_max_length():
     assert tr.tokens[:6] == ["def", "<unk>", "(", "self", ")", ":"]
     ids = [tok(t)["input_ids"][:6] for t in texts]
     ref = record_routing(model, ids)
-    assert torch.equal(tr.experts, ref.experts) and tr.token_ids.tolist() == ref.token_ids.tolist()
+    assert_same_topk(tr.experts, ref.experts, ref.router_logits, atol=1e-5)
+    assert tr.token_ids.tolist() == ref.token_ids.tolist()
     with pytest.raises(ValueError, match="text 0 is a list, expected a string"):
         record_routing(model, [[1, 2]], tok)
 
@@ -262,7 +265,7 @@ def test_gpt_oss_router_with_bias_and_softmax_over_topk():
         lg = torch.nn.functional.linear(tr.hidden_at(layer), router.weight, router.bias)
         top, e = lg.topk(2, -1)
         torch.testing.assert_close(tr.logits_at(layer), lg, atol=1e-5, rtol=1e-5)
-        assert torch.equal(tr.experts_at(layer), e)
+        assert_same_topk(tr.experts_at(layer), e, lg, atol=1e-5)
         torch.testing.assert_close(tr.weights_at(layer), top.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
@@ -271,8 +274,21 @@ def test_select_matches_recording_alone():
     tr = record_routing(model, IDS, domains=list("abcde"))
     sub = tr.select([3, 1])
     ref = record_routing(model, [IDS[3], IDS[1]])
-    assert torch.equal(sub.experts, ref.experts) and sub.offsets.tolist() == ref.offsets.tolist()
+    assert_same_topk(sub.experts, ref.experts, ref.router_logits, atol=1e-5)
+    assert sub.offsets.tolist() == ref.offsets.tolist()
     torch.testing.assert_close(sub.hidden_states, ref.hidden_states, atol=1e-5, rtol=1e-5)
     assert sub.domains == ["d", "b"] and sub.token_ids.tolist() == IDS[3] + IDS[1]
     with pytest.raises(ValueError, match=r"indices in \[0, 5\)"):
         tr.select([5])
+
+
+def test_check_routing_passes_the_recorder_and_catches_a_wrong_choice(recorded):
+    model, _, _, tr = recorded
+    got = check_routing(tr, model)
+    assert got["mismatches"] == 0 and got["max_logit_err"] < 1e-5 and got["max_weight_err"] < 1e-6, got
+    bad = RoutingTrace(**{**tr.__dict__, "experts": tr.experts.clone()})
+    layer0 = bad.experts[0]
+    layer0[3] = tr.router_logits[0, 3].topk(tr.k, largest=False).indices   # one token takes its k least likely experts
+    assert check_routing(bad, model)["mismatches"] == 1
+    with pytest.raises(ValueError, match="hidden_states=True"):
+        check_routing(RoutingTrace(**{**tr.__dict__, "hidden_states": None}), model)

@@ -196,7 +196,7 @@ def test_load_loss_has_gradient():
 
 @pytest.mark.parametrize("call,msg", [
     (lambda l, m: load_balancing_loss(l, 6, 2), "num_experts=6"),
-    (lambda l, m: load_balancing_loss(l, 8, 0), "top_k must be an integer in [1, 8]"),
+    (lambda l, m: load_balancing_loss(l, 8, 0), "top_k=0 is out of range: need an integer in [1, 8]"),
     (lambda l, m: load_balancing_loss(l, 8, 2.0), "top_k must be an integer"),
     (lambda l, m: load_balancing_loss(l, 8, 2, m[:, :8]), "attention_mask has 32 elements"),
     (lambda l, m: load_balancing_loss(l, 8, 2, torch.zeros(4, 16)), "no real tokens"),
@@ -212,7 +212,7 @@ def test_load_loss_has_gradient():
     (lambda l, m: cv_squared(torch.ones(2, 2)), "1-D tensor"),
     (lambda l, m: cv_squared(torch.ones(0)), "empty"),
     (lambda l, m: importance_loss(torch.ones(8)), "gates must be a float tensor"),
-    (lambda l, m: prob_in_top_k(l[0], l[0], l[0].abs() + 0.1, 8), "k must be an integer in [1, 7]"),
+    (lambda l, m: prob_in_top_k(l[0], l[0], l[0].abs() + 0.1, 8), "k=8 is out of range: need an integer in [1, 7]"),
     (lambda l, m: prob_in_top_k(l[0], l[0], -l[0].abs(), 2), "noise_std must be positive"),
     (lambda l, m: prob_in_top_k(l[0], l[0][:5], l[0].abs(), 2), "same shape"),
 ])

@@ -10,8 +10,9 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from moe_explained.data import DOMAINS, Corpus, math_documents, pack_blocks, stdlib_documents, tokenize_corpus  # noqa: E402
-from moe_explained.train import (PROMPTS, RESULTS_PATH, TINY_MIXTRAL_PATH, evaluate, expert_usage, param_counts,  # noqa: E402
-                                 sample_text, tiny_mixtral)
+from moe_explained.dense import count_params  # noqa: E402
+from moe_explained.pretrained import TINY_MIXTRAL_PATH, generation_limit, tiny_mixtral  # noqa: E402
+from moe_explained.train import PROMPTS, RESULTS_PATH, evaluate, expert_usage, sample_text  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -48,7 +49,7 @@ def test_from_pretrained_offline():
     m = AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH)
     assert type(m).__name__ == 'MixtralForCausalLM'
     assert (m.config.num_local_experts, m.config.num_experts_per_tok) == (8, 2)
-    assert sum(p.numel() for p in m.parameters()) == param_counts(m.config).total
+    assert sum(p.numel() for p in m.parameters()) == count_params(m.config).total
     tok = AutoTokenizer.from_pretrained(TINY_MIXTRAL_PATH)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ('<s>', '</s>', '<pad>')
     assert len(tok) == m.config.vocab_size
@@ -105,3 +106,18 @@ def test_results_file_is_consistent():
         assert h[-1]['valid']['mean'] < h[0]['valid']['mean'] - 3
     assert r['usage_min'] > 0
     assert set(r['sizes']['all']) == set(DOMAINS)
+
+
+def test_generation_respects_the_trained_context(packaged):
+    "The model was trained on 128 positions: sample_text stops there and says so; a prompt that fills them is refused."
+    m, tok = packaged
+    limit = m.config.max_position_embeddings
+    prompt = PROMPTS['prose'] * 12
+    n = len(tok(prompt)['input_ids'])
+    assert n < limit - 4, n
+    assert generation_limit(m, n) == limit - n
+    with pytest.warns(UserWarning, match=f'leave room for {limit - n} new tokens'):
+        out = sample_text(m, tok, prompt, max_new_tokens=200)
+    assert len(tok(out, add_special_tokens=False)['input_ids']) <= limit + 2   # decode/re-encode may merge at most a token or two
+    with pytest.raises(ValueError, match=f'trained on at most {limit} positions'):
+        sample_text(m, tok, PROMPTS['prose'] * 40)

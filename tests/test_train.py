@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from moe_explained.dense import count_params
 from moe_explained.train import (KINDS, TinyConfig, build_model, compute_to_reach, evaluate, expert_usage, forward_flops,
-                                 model_config, param_counts, speedup_factor, train_flops, train_lm)
+                                 model_config, speedup_factor, train_flops, train_lm)
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -22,21 +23,24 @@ SMALL = TinyConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads
 
 @pytest.mark.parametrize('kind', KINDS)
 @pytest.mark.parametrize('tie', [True, False])
-def test_param_counts_match_the_real_model(kind, tie):
+def test_chapter00_count_params_matches_the_trained_models(kind, tie):
     cfg = TinyConfig(**{**SMALL.__dict__, 'tie_embeddings': tie})
     m = build_model(cfg, kind)
-    pc = param_counts(m.config)
+    pc = count_params(m.config)
     assert pc.total == sum(p.numel() for p in m.parameters())
     if kind == 'moe':   # active = total minus the (E - k) experts a token does not use, read off the real tensors
         unused = sum(l.mlp.experts.gate_up_proj[cfg.k:].numel() + l.mlp.experts.down_proj[cfg.k:].numel() for l in m.model.layers)
         assert pc.active == pc.total - unused
     else:
         assert pc.active == pc.total
+    # every weight multiplied per token, the LM head once even when it is tied to the embedding
+    assert pc.matmul() == pc.active - pc.norms - m.config.vocab_size * m.config.hidden_size * (1 if tie else 2) \
+        + m.config.vocab_size * m.config.hidden_size
 
 
 def test_matched_baselines():
     router = SMALL.n_layers * SMALL.d_model * SMALL.E
-    moe, act, tot = (param_counts(model_config(SMALL, k)) for k in KINDS)
+    moe, act, tot = (count_params(model_config(SMALL, k)) for k in KINDS)
     assert moe.active - act.active == router and moe.total - tot.total == router
     assert model_config(SMALL, 'dense-active').intermediate_size == SMALL.k * SMALL.d_ff
     assert model_config(SMALL, 'dense-total').intermediate_size == SMALL.E * SMALL.d_ff
