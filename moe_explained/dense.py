@@ -345,9 +345,12 @@ def explore_moe(base: str = 'mixtral-8x7b', interactive: bool | None = None):
     if not interactive:
         fig, _ = _explorer_figure(base, pc0.n_experts, pc0.top_k, pc0.d_ff_expert)
         return fig
-    import ipywidgets as W
+    try:
+        import ipywidgets as W
+        from IPython.display import display
+    except ImportError:   # widgets_live() says False without them; only interactive=True gets here
+        raise ImportError("explore_moe(interactive=True) needs ipywidgets: pip install 'moe-explained[notebooks]'") from None
     import matplotlib.pyplot as plt
-    from IPython.display import display
     E = W.IntSlider(pc0.n_experts, min=1, max=64, description='experts E')
     k = W.IntSlider(pc0.top_k, min=1, max=16, description='top-k')
     d_ff = W.IntSlider(pc0.d_ff_expert, min=256, max=32768, step=256, description='expert d_ff')

@@ -143,7 +143,7 @@ def load_loss(clean_logits, noisy_logits, noise_std, k:int, attention_mask=None,
 
 # %% ../nbs/02_losses.ipynb #21d66909
 def router_z_loss(router_logits, attention_mask=None):
-    """ST-MoE router z-loss `(1/B) * sum_j logsumexp(x_j)**2` (Zoph et al. 2022, §3.1, eq. 5), the mean over tokens
+    """ST-MoE router z-loss `(1/B) * sum_j logsumexp(x_j)**2` (Zoph et al. 2022, §3.3, eq. 5), the mean over tokens
     of the squared log-partition function of the router logits. Same inputs as `load_balancing_loss` (a `[T, E]` /
     `[B, S, E]` tensor or a tuple of layers, pooled over layers; `attention_mask` weights tokens). No coefficient:
     ST-MoE uses `c_z = 1e-3`. Equals transformers' `router_z_loss_func` (switch_transformers) on unpadded input."""

@@ -8,17 +8,19 @@ Docs: https://moe-explained.github.io/moe_explained/widgets.html.md"""
 __all__ = ['widgets_live']
 
 # %% ../nbs/92_widgets.ipynb #8cdeb607
-import os, sys
+import importlib.util, os, sys
 from pathlib import Path
 
 def widgets_live() -> bool:
     """True when a person's notebook frontend can render ipywidgets (Jupyter, Colab); False under nbdev-test,
     nbconvert, papermill and plain Python. Every chapter's explorer shows sliders when this is True and a static
-    figure otherwise. `MOE_EXPLAINED_WIDGETS=live` or `=static` forces one path (the tests run each notebook both ways)."""
+    figure otherwise (also when ipywidgets is not installed: it comes with `moe-explained[notebooks]`).
+    `MOE_EXPLAINED_WIDGETS=live` or `=static` forces one path (the tests run each notebook both ways)."""
     forced = os.environ.get('MOE_EXPLAINED_WIDGETS', '').strip().lower()
     if forced in ('live', 'static'): return forced == 'live'
     if forced: raise ValueError(f"MOE_EXPLAINED_WIDGETS must be 'live' or 'static', got {forced!r}")
     if os.environ.get('IN_TEST') or os.environ.get('MOE_EXPLAINED_STATIC'): return False
+    if importlib.util.find_spec('ipywidgets') is None: return False   # the base install has no widgets: static figures
     try:
         from IPython import get_ipython
         ip = get_ipython()

@@ -53,10 +53,27 @@ def test_chapter_conventions(nb):
             f"{nb.name}: no #| default_exp"
 
 
-def test_nbdev_proc_nbs_succeeds(project_copy, venv_tool):
-    res = subprocess.run([venv_tool("nbdev-proc-nbs")], cwd=project_copy, capture_output=True, text=True, timeout=900)
+def _git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_nbdev_proc_nbs_succeeds_and_leaves_the_checkout_clean(tmp_path, venv_tool):
+    """The docs build up to Quarto, in a git checkout of this working tree (tracked and untracked-but-not-ignored
+    files, committed): it must succeed and leave `git status` clean -- no tracked file rewritten (e.g. nbs/nbdev.yml
+    disagreeing with pyproject.toml), no untracked file left behind (e.g. nbs/sidebar.yml)."""
+    files = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT).split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / f).write_bytes((ROOT / f).read_bytes())
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot", cwd=tmp_path)
+    res = subprocess.run([venv_tool("nbdev-proc-nbs")], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert (project_copy / "_proc").exists()
+    assert (tmp_path / "_proc").exists()
+    status = _git("status", "--porcelain", "--untracked-files=all", cwd=tmp_path)
+    assert status == "", f"nbdev-proc-nbs left the checkout dirty:\n{status}\n{_git('diff', cwd=tmp_path)[:3000]}"
 
 
 def _mixed_import_cells(nb):
