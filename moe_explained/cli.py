@@ -45,16 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Entry point of `moe-explained`: parse `argv` (default: sys.argv[1:]), run the subcommand, return its exit status."
     args = build_parser().parse_args(argv)
-    try: return args._run(args) or 0
+    try:
+        rc = args._run(args) or 0
+        sys.stdout.flush()    # so a closed pipe shows up here rather than in the flush at interpreter exit
+        return rc
     except ValueError as e:   # bad input: one clear line and exit status 2, as argparse does for usage errors
         print(f'moe-explained {args.command}: error: {e}', file=sys.stderr)
         return 2
-    except BrokenPipeError:   # output piped into `head` and closed early: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:   # output piped into `head` and closed early: stop quietly, as a success
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit-time flush then has a reader
+        return 0
 
 # %% ../nbs/90_cli.ipynb #b7f6a65e
-def _b(n: float) -> str: return f'{n / 1e9:,.2f}B'
+def _scaled(n: float, units, below: str = '') -> str:
+    "`n` in the largest of `units` ((scale, suffix), largest first) it reaches, to 2 decimals; under all of them, whole."
+    for scale, suffix in units:
+        if abs(n) >= scale: return f'{n / scale:,.2f}{suffix}'
+    return f'{n:,.0f}{below}'
+
+def _count(n: float) -> str: return _scaled(n, ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')))  # 46.70B, 3.87M, 4.10K, 512
+def _bytes(n: float) -> str: return _scaled(n, ((1e9, ' GB'), (1e6, ' MB'), (1e3, ' kB')), ' bytes')
+def _flops(n: float) -> str: return _scaled(n, ((1e9, ' GFLOPs'), (1e6, ' MFLOPs'), (1e3, ' kFLOPs')), ' FLOPs')
 
 def format_params(pc: ParamCount, n_ctx: int = 4096, bits=(16, 8, 4, 3, 2), source: str = '') -> str:
     "The text report of `moe-explained params`: parts, total, active, FLOPs per token, weight memory."
@@ -66,13 +77,13 @@ def format_params(pc: ParamCount, n_ctx: int = 4096, bits=(16, 8, 4, 3, 2), sour
     for part, n in pc.breakdown().items():
         if part in ('total', 'active'): continue
         lines.append(f'{part:<16}{n:>18,}{n / pc.total:>9.2%}')
-    lines += [f'{"total":<16}{pc.total:>18,}{"":>9}  {_b(pc.total)}',
-              f'{"active/token":<16}{pc.active:>18,}{pc.active / pc.total:>9.2%}  {_b(pc.active)}', '']
+    lines += [f'{"total":<16}{pc.total:>18,}{"":>9}  {_count(pc.total)}',
+              f'{"active/token":<16}{pc.active:>18,}{pc.active / pc.total:>9.2%}  {_count(pc.active)}', '']
     f_act, f_all = pc.flops_per_token(n_ctx), pc.flops_per_token(n_ctx, active=False)
-    lines.append(f'forward FLOPs/token at n_ctx={n_ctx}: {f_act / 1e9:,.2f} GFLOPs'
-                 + (f' (all experts: {f_all / 1e9:,.2f})' if f_all != f_act else '')
+    lines.append(f'forward FLOPs/token at n_ctx={n_ctx}: {_flops(f_act)}'
+                 + (f' (all experts: {_flops(f_all)})' if f_all != f_act else '')
                  + '   [2N + 2 n_layer n_ctx d_attn, Kaplan et al. 2020]')
-    lines.append('weights: ' + ' | '.join(f'{b:g}-bit {pc.bytes_at(b) / 1e9:,.2f} GB' for b in bits)
+    lines.append('weights: ' + ' | '.join(f'{b:g}-bit {_bytes(pc.bytes_at(b))}' for b in bits)
                  + '   [no quantization overhead, no KV cache]')
     return '\n'.join(lines)
 
@@ -88,9 +99,11 @@ def _n_ctx(s: str) -> int:
     if n < 0: raise argparse.ArgumentTypeError(f'n-ctx must be non-negative, got {n}')
     return n
 
+
 # %% ../nbs/90_cli.ipynb #cc1c4bc1
 @subcommand('params', 'parameter, FLOPs and memory breakdown of a model config',
-            arg('model', help=f'a shipped config ({", ".join(CONFIGS)}; any case) or a config.json / a folder holding one'),
+            arg('model', help=f'a shipped config ({", ".join(CONFIGS)}; any case), its hub id as `models` lists it, '
+                               'or a local config.json / a folder holding one'),
             arg('--n-ctx', type=_n_ctx, default=4096, help='context length for the attention FLOPs term (default 4096)'),
             arg('--bits', type=_bits, nargs='+', default=[16, 8, 4, 3, 2], help='bits per weight (default 16 8 4 3 2)'),
             arg('--json', action='store_true', help='print JSON instead of text'))
@@ -114,7 +127,7 @@ def models(args) -> int:
     "Print the shipped configs with their total and active parameters."
     for name in CONFIGS:
         pc = count_params(name)
-        print(f'{name:<18}{pc.model_type:<13}{_b(pc.total):>10} total {_b(pc.active):>10} active   {SOURCES[name][0]}')
+        print(f'{name:<18}{pc.model_type:<13}{_count(pc.total):>10} total {_count(pc.active):>10} active   {SOURCES[name][0]}')
     return 0
 
 # %% ../nbs/90_cli.ipynb #156fab8f

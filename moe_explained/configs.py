@@ -9,7 +9,7 @@ __all__ = ['CONFIGS', 'SOURCES', 'PUBLISHED', 'get_config', 'config_from_dict', 
            'load_config']
 
 # %% ../nbs/00a_configs.ipynb #1b6dfc07
-import json, os
+import codecs, json, os, re
 from pathlib import Path
 
 # %% ../nbs/00a_configs.ipynb #312ee4e1
@@ -104,23 +104,42 @@ def config_from_dict(d: dict, source: str = 'config'):
     except (TypeError, ValueError, StrictDataclassError) as e:
         raise ValueError(f"{source}: transformers rejected the config: {e}") from None
 
+def _not_a_config(p):
+    return ValueError(f"{p} is not a config.json: it holds binary data, not JSON text; pass the model's config.json "
+                      "(or the folder holding it), not its weights or other files")
+
 def read_config_file(path) -> dict:
-    "The dict in a local config.json (or in `path`/config.json when `path` is a folder)."
+    "The dict in a local config.json (or in `path`/config.json when `path` is a folder); a binary file is refused unread."
     p = Path(os.fspath(path)).expanduser()
     if p.is_dir(): p = p / 'config.json'
     if not p.is_file(): raise ValueError(f"no config.json at {str(path)!r}")
+    with open(p, 'rb') as f: head = f.read(8192)          # a multi-GB weights file is never read in full
+    try: codecs.getincrementaldecoder('utf-8')().decode(head)   # a character cut at byte 8192 is not an error
+    except UnicodeDecodeError: raise _not_a_config(p) from None
+    if b'\0' in head: raise _not_a_config(p)
     try: d = json.loads(p.read_text(encoding='utf-8'))
-    except UnicodeDecodeError: raise ValueError(f"{p} is not a text file (a config.json is JSON text); "
-                                                f"did you pass a weights file instead of its config.json?") from None
+    except UnicodeDecodeError: raise _not_a_config(p) from None     # text at the start, binary further on
     except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"{p} does not hold a JSON object")
     return d
 
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')   # owner/name, as on huggingface.co
+
 def resolve_config(name_or_path) -> tuple:
-    "(name, config dict) for a shipped name or a local config.json / folder; unknown names list the known ones."
+    """(name, config dict) for a shipped name, the hub id of a shipped config (as `SOURCES` lists it, any case), or a
+    local config.json / folder (a local path wins over a hub id of the same spelling). Nothing is downloaded: any
+    other hub id is answered with how to pass its config.json; unknown names list the known ones."""
     if _canon(name_or_path) in CONFIGS: return _canon(name_or_path), get_config(name_or_path)
     p = Path(os.fspath(name_or_path)).expanduser()
     if p.exists(): return str(name_or_path), read_config_file(p)
+    s = str(name_or_path).strip()
+    hub_ids = {src[0].lower(): name for name, src in SOURCES.items()}   # 'mistralai/mixtral-8x7b-v0.1' -> 'mixtral-8x7b'
+    if s.lower() in hub_ids: return hub_ids[s.lower()], get_config(hub_ids[s.lower()])
+    if _HUB_ID.fullmatch(s) and not s.endswith('.json'):
+        raise ValueError(f"{s!r} is not a shipped config, the hub id of one, or a local path, and moe_explained "
+                         f"does not download from the Hugging Face hub: download its config.json "
+                         f"(https://huggingface.co/{s}/resolve/main/config.json) and pass the path to the file "
+                         f"or its folder; shipped configs: {', '.join(CONFIGS)}")
     raise ValueError(f"unknown model {str(name_or_path)!r} (not a shipped config, not a path to a config.json); "
                      f"known models: {', '.join(CONFIGS)}")
 

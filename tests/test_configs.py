@@ -59,3 +59,27 @@ def test_bad_input(tmp_path):
     (tmp_path / "config.json").write_text("3")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
         load_config(tmp_path)
+
+
+def test_resolve_config_takes_a_shipped_hub_id_and_explains_any_other(tmp_path, monkeypatch):
+    from moe_explained.configs import SOURCES, resolve_config
+    hub, name = SOURCES["mixtral-8x7b"][0], "mixtral-8x7b"
+    assert resolve_config(hub.upper())[0] == name
+    with pytest.raises(ValueError, match=r"download its config.json \(https://huggingface.co/someone/model/resolve"):
+        resolve_config("someone/model")
+    monkeypatch.chdir(tmp_path)                               # a local folder of that spelling wins
+    (tmp_path / "someone" / "model").mkdir(parents=True)
+    (tmp_path / "someone" / "model" / "config.json").write_text('{"model_type": "llama"}')
+    assert resolve_config("someone/model") == ("someone/model", {"model_type": "llama"})
+
+
+def test_a_weights_file_is_refused_without_being_read(tmp_path):
+    from moe_explained.configs import read_config_file
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\x00\xff" * 1000)
+    with pytest.raises(ValueError, match="model.safetensors is not a config.json: it holds binary data"):
+        read_config_file(w)
+    late = tmp_path / "late.json"
+    late.write_bytes(b" " * 10_000 + b"\xff\xfe")             # text for the first 8 KiB, binary after
+    with pytest.raises(ValueError, match="late.json is not a config.json"):
+        read_config_file(late)

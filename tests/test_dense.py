@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from moe_explained.configs import CONFIGS, PUBLISHED, get_config, load_config
-from moe_explained.dense import (SwiGLU, count_params, explore_moe, llama_ffn_dim, moe_variant,
-                                 plot_params, widgets_live)
+from moe_explained.dense import SwiGLU, count_params, explore_moe, llama_ffn_dim, moe_variant, plot_params
+from moe_explained.widgets import widgets_live
 
 B = 1e9
 
@@ -275,3 +275,14 @@ def test_explorer_widgets_recount(monkeypatch):
     assert (ui.count.n_experts, ui.count.top_k) == (4, 4)
     d_ff.value = 512                       # recounts
     assert ui.count.total == moe_variant("olmoe-1b-7b", E=4, k=4, d_ff=512).total
+
+
+def test_widgets_live_can_be_forced_and_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv("IN_TEST", "1")
+    monkeypatch.setenv("MOE_EXPLAINED_WIDGETS", "live")
+    assert widgets_live() is True
+    monkeypatch.setenv("MOE_EXPLAINED_WIDGETS", "static")
+    assert widgets_live() is False
+    monkeypatch.setenv("MOE_EXPLAINED_WIDGETS", "yes")
+    with pytest.raises(ValueError, match="must be 'live' or 'static'"):
+        widgets_live()
