@@ -6,8 +6,8 @@ Docs: https://moe-explained.github.io/moe_explained/mixtral_moe.html.md"""
 
 # %% auto #0
 __all__ = ['MOE_IMPLS', 'silu_and_mul', 'moe_loop', 'grouped_mm_works', 'moe_sorted', 'moe_dense_masked', 'MixtralMoE',
-           'load_hf_block', 'to_hf_block', 'load_hub_state_dict', 'to_hub_state_dict', 'experts_forward',
-           'register_experts_impl']
+           'load_hf_block', 'to_hf_block', 'load_hub_state_dict', 'to_hub_state_dict', 'expert_weights',
+           'experts_forward', 'register_experts_impl']
 
 # %% ../nbs/04_mixtral_moe.ipynb #dfb2dfc2
 from typing import Callable
@@ -242,9 +242,9 @@ def to_hub_state_dict(moe: MixtralMoE, prefix: str = 'block_sparse_moe.') -> dic
     return sd
 
 # %% ../nbs/04_mixtral_moe.ipynb #e569a8c3
-def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    impl: str = 'sorted') -> Tensor:
-    "Run a transformers `@use_experts_implementation` experts module with one of our dispatchers (`impl`)."
+def expert_weights(experts: nn.Module) -> tuple:
+    """`(w_in [E, out, in], w_out [E, out, in], gate_fn)` of a transformers `@use_experts_implementation` experts module,
+    read off its layout flags (transposed weights are viewed, not copied); layouts we do not handle are refused."""
     name = type(experts).__name__
     if getattr(experts, 'has_bias', False):
         raise NotImplementedError(f"{name} has expert biases (has_bias=True); moe_explained's experts do not support them yet")
@@ -259,6 +259,12 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     w_out = experts.down_proj
     if getattr(experts, 'is_transposed', False):                 # stored [E, in, out]: view as [E, out, in]
         w_in, w_out = w_in.transpose(-2, -1), w_out.transpose(-2, -1)
+    return w_in, w_out, gate_fn
+
+def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                    impl: str = 'sorted') -> Tensor:
+    "Run a transformers `@use_experts_implementation` experts module with one of our dispatchers (`impl`)."
+    w_in, w_out, gate_fn = expert_weights(experts)
     return MOE_IMPLS[impl](hidden_states, top_k_index, top_k_weights, w_in, w_out, gate_fn=gate_fn, check_ids=False)
 
 def register_experts_impl(name: str = 'moe_explained', impl: str = 'sorted') -> str:
