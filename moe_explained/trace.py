@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/record_routing.html.md"""
 __all__ = ['find_moe_blocks', 'RoutingTrace', 'record_routing', 'check_routing']
 
 # %% ../nbs/06_record_routing.ipynb #63c23cd8
-import inspect, itertools, json, re
+import inspect, itertools, json, math, re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,3 +277,72 @@ def check_routing(trace, model, atol: float = 1e-5) -> dict:
             tied = (top[:, :-1] - top[:, 1:]).min(-1).values <= 2 * atol
             out['ties'] += int(tied.sum()); out['mismatches'] += int((~tied).sum())
     return out
+
+# %% ../nbs/06_record_routing.ipynb #55bd1b2a
+@patch(cls_method=True)
+def from_records(cls: RoutingTrace, records, num_experts: int, model_name: str = ''):
+    """A trace from plain records, one per (sequence, layer, position): dicts with `sequence`, `layer`, `position`,
+    `experts` (k ids, first choice first) and optionally `weights` (k floats), `token` (a display string or id) and
+    `domain`. Sequences keep the order in which they first appear; router logits are unknown, stored as NaN."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    seqs, layers, k = {}, set(), None
+    for i, r in enumerate(records):
+        try: s, l, p, ex = r['sequence'], int(r['layer']), int(r['position']), [int(e) for e in r['experts']]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"record {i} needs 'sequence', 'layer', 'position' and a list of 'experts' ({e!r})") from None
+        k = len(ex) if k is None else k
+        if len(ex) != k or not k: raise ValueError(f"record {i} has {len(ex)} experts, the records before it {k}")
+        if min(ex) < 0 or max(ex) >= num_experts:
+            raise ValueError(f"record {i} (sequence {s!r}, layer {l}, position {p}) has expert ids {ex} outside [0, {num_experts})")
+        w = r.get('weights')
+        if w is not None and len(w) != k: raise ValueError(f"record {i} has {len(w)} weights for {k} experts")
+        seq = seqs.setdefault(s, dict(steps={}, tokens={}, domain=r.get('domain')))
+        if (l, p) in seq['steps']: raise ValueError(f"sequence {s!r} has two records for layer {l}, position {p}")
+        seq['steps'][(l, p)] = (ex, w)
+        if 'token' in r: seq['tokens'][p] = r['token']
+        layers.add(l)
+    if not seqs: raise ValueError("no records")
+    layers = sorted(layers)
+    experts, weights, tokens, offsets, domains = [[] for _ in layers], [[] for _ in layers], [], [0], []
+    for s, seq in seqs.items():
+        n = 1 + max(p for _, p in seq['steps'])
+        for li, l in enumerate(layers):
+            missing = [p for p in range(n) if (l, p) not in seq['steps']]
+            if missing: raise ValueError(f"sequence {s!r} has no record for layer {l} at positions {missing[:5]}"
+                                         f"{'...' if len(missing) > 5 else ''} (every sequence needs every layer at every position)")
+            for p in range(n):
+                ex, w = seq['steps'][(l, p)]
+                experts[li].append(ex); weights[li].append(w if w is not None else [math.nan] * k)
+        tokens += [str(seq['tokens'].get(p, '')) for p in range(n)]
+        offsets.append(offsets[-1] + n); domains.append(seq['domain'])
+    T = offsets[-1]
+    ids = [int(t) if str(t).lstrip('-').isdigit() else -1 for t in tokens]
+    return cls(router_logits=torch.full((len(layers), T, num_experts), math.nan), experts=torch.tensor(experts),
+               weights=torch.tensor(weights, dtype=torch.float32), token_ids=torch.tensor(ids), offsets=torch.tensor(offsets),
+               tokens=tokens, layers=layers, domains=domains if any(d is not None for d in domains) else None,
+               model_name=model_name)
+
+@patch
+def to_records(self: RoutingTrace):
+    "The trace as plain records, one per (text, layer, position): the inverse of `RoutingTrace.from_records`."
+    out = []
+    for i in range(self.n_texts):
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        for li, l in enumerate(self.layers):
+            for p in range(b - a):
+                r = dict(sequence=i, layer=int(l), position=p, experts=self.experts[li, a + p].tolist(),
+                         weights=self.weights[li, a + p].tolist(), token=self.tokens[a + p])
+                if self.domains: r['domain'] = self.domains[i]
+                out.append(r)
+    return out
+
+@patch(cls_method=True)
+def from_jsonl(cls: RoutingTrace, path, num_experts: int, model_name: str = ''):
+    "`RoutingTrace.from_records` of a JSON-lines file (one record per line)."
+    path = Path(path)
+    if not path.is_file(): raise ValueError(f"no JSON-lines file at {path}")
+    with path.open() as f:
+        try: records = [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as e: raise ValueError(f"{path} is not JSON lines: {e}") from None
+    return cls.from_records(records, num_experts, model_name=model_name or path.stem)
