@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/expert_cache.html.md"""
 __all__ = ['POLICIES', 'Policy', 'LRU', 'LFU', 'FIFO', 'RandomEviction', 'Belady', 'CacheStats', 'ExpertCache', 'simulate',
            'decode_trace']
 
-# %% ../nbs/08_expert_cache.ipynb #be0a9ea4
+# %% ../nbs/08_expert_cache.ipynb #2ecdd3f7
 import math, random
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ import torch
 from .pretrained import generation_limit
 from .trace import RoutingTrace, record_routing
 
-# %% ../nbs/08_expert_cache.ipynb #883ec70d
+# %% ../nbs/08_expert_cache.ipynb #fc8d0dd6
 class Policy:
     """A cache policy: after a token has used its experts, `victim` picks which of `candidates` the cache drops until
     it holds `capacity`; hooks keep the state it needs. `may_drop_needed=False` (all practical policies) offers only
@@ -28,6 +28,7 @@ class Policy:
     def on_use(self, e: int, t: int): "Expert `e` was requested at step `t` (a hit, or just loaded)."
     def on_insert(self, e: int, t: int): "Expert `e` was loaded at step `t`."
     def on_evict(self, e: int): "Expert `e` left the cache (or was not kept after its load)."
+    def on_prefetch(self, e: int, t: int): "Expert `e` was loaded ahead of its request at step `t` (chapter 09); by default a use."; self.on_use(e, t)
     def victim(self, candidates: set, t: int) -> int: raise NotImplementedError
 
 class LRU(Policy):
@@ -42,6 +43,7 @@ class LFU(Policy):
     name = 'LFU'
     def reset(self, E, C, seed=0): super().reset(E, C); self.count, self.last = [0] * E, {}
     def on_use(self, e, t): self.count[e] += 1; self.last[e] = t
+    def on_prefetch(self, e, t): self.last[e] = t                     # a guess is not a use: the count waits for one
     def victim(self, candidates, t): return min(candidates, key=lambda e: (self.count[e], self.last[e], e))
 
 class FIFO(Policy):
@@ -71,18 +73,23 @@ class Belady(Policy):
 
 POLICIES = {p.name: p for p in (LRU, LFU, FIFO, RandomEviction, Belady)}
 
-# %% ../nbs/08_expert_cache.ipynb #065ec36c
+# %% ../nbs/08_expert_cache.ipynb #e35dbfa1
 @dataclass
 class CacheStats:
-    "Counters of one simulation: `requests` = hits + misses (expert requests), `loads` (copies into the cache or staging), `evictions`."
+    """Counters of one simulation: `requests` = `hits` + `misses`; `prefetches` (experts loaded ahead of a request,
+    chapter 09), of which `prefetch_hits` were used before leaving the cache and `wasted` were not; `loads` = misses +
+    prefetches, the copies from the host; `evictions`; `tokens`."""
     requests: int = 0
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     tokens: int = 0
-    loads = property(lambda self: self.misses, doc="Copies from the host: one per miss.")
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    wasted: int = 0
+    loads = property(lambda self: self.misses + self.prefetches, doc="Copies from the host: misses and prefetches.")
     hit_rate = property(lambda self: self.hits / self.requests if self.requests else math.nan)
-    def __add__(self, o): return CacheStats(*(getattr(self, f) + getattr(o, f) for f in ('requests', 'hits', 'misses', 'evictions', 'tokens')))
+    def __add__(self, o): return CacheStats(*(getattr(self, f) + getattr(o, f) for f in self.__dataclass_fields__))
 
 class ExpertCache:
     "`capacity` expert slots for one MoE layer, filled by a policy (a name in `POLICIES` or a `Policy`); a token's experts are requested together."
@@ -97,17 +104,39 @@ class ExpertCache:
             policy = POLICIES[policy]()
         self.E, self.C, self.policy = num_experts, capacity, policy
         self.policy.reset(num_experts, capacity, seed)
-        self.cached, self.stats, self.t = set(), CacheStats(), 0
+        self.cached, self.stats, self.t, self.pending = set(), CacheStats(), 0, set()
+
+    def _check(self, ids):
+        ids = [int(e) for e in ids]
+        if len(set(ids)) != len(ids): raise ValueError(f"a token requests distinct experts, got {ids}")
+        if any(not 0 <= e < self.E for e in ids): raise ValueError(f"expert ids {ids} outside [0, {self.E})")
+        return ids
+
+    def _drop(self, v):
+        self.cached.discard(v); self.policy.on_evict(v); self.stats.evictions += 1
+        if v in self.pending: self.pending.discard(v); self.stats.wasted += 1
+
+    def prefetch(self, ids):
+        """Load experts `ids` ahead of the next request (a guess, chapter 09), each evicting by the policy an expert
+        that is not itself being prefetched; with no such expert left, the rest of the guess is skipped."""
+        ids = self._check(ids)
+        for e in ids:
+            if e in self.cached: continue
+            if len(self.cached) >= self.C:
+                spare = self.cached - set(ids)
+                if not spare: break
+                self._drop(self.policy.victim(spare, self.t))
+            self.cached.add(e); self.pending.add(e); self.stats.prefetches += 1
+            self.policy.on_insert(e, self.t); self.policy.on_prefetch(e, self.t)
 
     def request(self, ids) -> list:
         """Serve one token's experts `ids` (all k together): the cached ones are hits, the others are loaded (misses).
         Then the cache keeps at most `capacity` of the old ones and the new: the policy drops the rest, choosing among
         experts this token did not use while there are any. Returns hit/miss per expert."""
-        ids = [int(e) for e in ids]
-        if len(set(ids)) != len(ids): raise ValueError(f"a token requests distinct experts, got {ids}")
-        if any(not 0 <= e < self.E for e in ids): raise ValueError(f"expert ids {ids} outside [0, {self.E})")
+        ids = self._check(ids)
         hits, needed = [e in self.cached for e in ids], set(ids)
         self.stats.requests += len(ids); self.stats.hits += sum(hits); self.stats.misses += len(ids) - sum(hits)
+        self.stats.prefetch_hits += len(needed & self.pending); self.pending -= needed
         for e, hit in zip(ids, hits):
             if not hit: self.policy.on_insert(e, self.t)
             self.policy.on_use(e, self.t)
@@ -115,13 +144,14 @@ class ExpertCache:
         while len(pool) > self.C:
             spare = pool - needed
             v = self.policy.victim(pool if self.policy.may_drop_needed or not spare else spare, self.t)
-            pool.remove(v); self.policy.on_evict(v)
-            if v in self.cached: self.stats.evictions += 1
+            pool.remove(v)
+            if v in self.cached: self._drop(v)
+            else: self.policy.on_evict(v)
         self.cached = pool
         self.t += 1; self.stats.tokens += 1
         return hits
 
-# %% ../nbs/08_expert_cache.ipynb #1b994491
+# %% ../nbs/08_expert_cache.ipynb #64123ead
 def simulate(requests, policy='LRU', cache_size: int = 2, num_experts: int | None = None, seed: int = 0,
              layers=None, skip: int = 0) -> CacheStats:
     """Hits, misses and loads of `policy` with `cache_size` slots over `requests`: one layer's sequence of per-token
@@ -144,7 +174,7 @@ def simulate(requests, policy='LRU', cache_size: int = 2, num_experts: int | Non
     for r in requests: cache.request(r)
     return cache.stats
 
-# %% ../nbs/08_expert_cache.ipynb #2a344081
+# %% ../nbs/08_expert_cache.ipynb #da41a91e
 @torch.no_grad()
 def decode_trace(model, prompts: list, domains=None, max_new_tokens: int = 112, seed: int = 0, **generate_kwargs) -> RoutingTrace:
     """Generate a continuation of each prompt (a list of token ids) and record the routing of every position of every
