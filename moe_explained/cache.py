@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/expert_cache.html.md"""
 __all__ = ['POLICIES', 'Policy', 'LRU', 'LFU', 'FIFO', 'RandomEviction', 'Belady', 'CacheStats', 'ExpertCache', 'simulate',
            'decode_trace']
 
-# %% ../nbs/08_expert_cache.ipynb #2ecdd3f7
+# %% ../nbs/08_expert_cache.ipynb #99e5ee63
 import math, random
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ import torch
 from .pretrained import generation_limit
 from .trace import RoutingTrace, record_routing
 
-# %% ../nbs/08_expert_cache.ipynb #fc8d0dd6
+# %% ../nbs/08_expert_cache.ipynb #cdf6a6cd
 class Policy:
     """A cache policy: after a token has used its experts, `victim` picks which of `candidates` the cache drops until
     it holds `capacity`; hooks keep the state it needs. `may_drop_needed=False` (all practical policies) offers only
@@ -73,7 +73,7 @@ class Belady(Policy):
 
 POLICIES = {p.name: p for p in (LRU, LFU, FIFO, RandomEviction, Belady)}
 
-# %% ../nbs/08_expert_cache.ipynb #e35dbfa1
+# %% ../nbs/08_expert_cache.ipynb #94d43248
 @dataclass
 class CacheStats:
     """Counters of one simulation: `requests` = `hits` + `misses`; `prefetches` (experts loaded ahead of a request,
@@ -151,7 +151,7 @@ class ExpertCache:
         self.t += 1; self.stats.tokens += 1
         return hits
 
-# %% ../nbs/08_expert_cache.ipynb #64123ead
+# %% ../nbs/08_expert_cache.ipynb #eb6c8cea
 def simulate(requests, policy='LRU', cache_size: int = 2, num_experts: int | None = None, seed: int = 0,
              layers=None, skip: int = 0) -> CacheStats:
     """Hits, misses and loads of `policy` with `cache_size` slots over `requests`: one layer's sequence of per-token
@@ -174,7 +174,7 @@ def simulate(requests, policy='LRU', cache_size: int = 2, num_experts: int | Non
     for r in requests: cache.request(r)
     return cache.stats
 
-# %% ../nbs/08_expert_cache.ipynb #da41a91e
+# %% ../nbs/08_expert_cache.ipynb #8bf4e438
 @torch.no_grad()
 def decode_trace(model, prompts: list, domains=None, max_new_tokens: int = 112, seed: int = 0, **generate_kwargs) -> RoutingTrace:
     """Generate a continuation of each prompt (a list of token ids) and record the routing of every position of every
