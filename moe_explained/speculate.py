@@ -7,7 +7,7 @@ Docs: https://moe-explained.github.io/moe_explained/speculative.html.md"""
 # %% auto #0
 __all__ = ['moe_layers', 'layer_states', 'Speculator', 'simulate_prefetch']
 
-# %% ../nbs/09_speculative.ipynb #47598561
+# %% ../nbs/09_speculative.ipynb #ef98591d
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +15,7 @@ from torch import nn
 from .cache import CacheStats, ExpertCache
 from .trace import RoutingTrace, find_moe_blocks
 
-# %% ../nbs/09_speculative.ipynb #a1bf22ae
+# %% ../nbs/09_speculative.ipynb #7248cec7
 def moe_layers(model: nn.Module) -> list:
     "`(layer_idx, decoder_layer, norm, router)` for every MoE layer of a transformers model: the norm is the one the MoE block's input passes through (`post_attention_layernorm`)."
     out = []
@@ -44,7 +44,7 @@ def layer_states(model: nn.Module, input_ids: torch.Tensor) -> dict:
         for h in hooks: h.remove()
     return seen
 
-# %% ../nbs/09_speculative.ipynb #dd554d00
+# %% ../nbs/09_speculative.ipynb #9c4f417a
 class Speculator:
     """Guesses of the experts of layer L + `lookahead` from a hidden state at MoE layer L, by that later layer's own
     norm and router (Eliseev & Mazur 2023, §3.2). Everything stays on the model's device: the guesses are a tensor
@@ -73,7 +73,7 @@ class Speculator:
         logits = F.linear(norm(hidden.to(router.weight.dtype)), router.weight, getattr(router, 'bias', None))
         return logits.topk(n, dim=-1).indices
 
-# %% ../nbs/09_speculative.ipynb #63c780b4
+# %% ../nbs/09_speculative.ipynb #dca4dc60
 def simulate_prefetch(trace: RoutingTrace, guesses: dict, policy='LRU', cache_size: int = 2, skip: int = 0) -> CacheStats:
     """Chapter 08's cache with speculative prefetch: for each text (from empty caches, after its first `skip` tokens)
     and each token, layer by layer, prefetch `guesses[layer][position]` (ranked expert ids, e.g. from a `Speculator`
