@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -23,18 +22,11 @@ from pathlib import Path
 
 import torch
 
+from common import cpu_model  # benchmarks/common.py (scripts run as `python benchmarks/...`)
+
 OURS = ('loop', 'sorted', 'dense_masked')
 HF = ('eager', 'batched_mm', 'grouped_mm')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(hidden, inter, experts, top_k, dtype, device, seed=0):

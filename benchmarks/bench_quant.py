@@ -16,27 +16,19 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from common import cpu_model  # benchmarks/common.py (scripts run as `python benchmarks/...`)
 import torch.nn.functional as F
 
 from moe_explained.quant import expert_nbytes, pack_expert, read_expert
 
 SETTINGS = [(4, 64), (3, 64), (2, 16)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, reps):

@@ -1,4 +1,5 @@
-"""Comparisons shared by the tests, for results that are exact only up to floating-point summation order."""
+"""Comparisons shared by the tests: results that are exact only up to floating-point summation order, and host reads."""
+import torch
 
 
 def assert_same_topk(experts, ref_experts, ref_scores, atol):
@@ -16,3 +17,14 @@ def assert_same_topk(experts, ref_experts, ref_scores, atol):
     assert not len(bad), (f"{len(bad)} tokens choose other experts than the reference although its scores are not "
                           f"tied within 2*atol={2 * atol:g} (first token {bad[0].item()}: {experts[bad[0]].tolist()} "
                           f"vs {ref_experts[bad[0]].tolist()})")
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    "Counts the ops that copy a tensor value to the host (`.item()`, `int(t)`, `bool(t)`): on CUDA each one is a sync."
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default: self.reads += 1
+        return func(*args, **(kwargs or {}))

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import HostReads
 from moe_explained import moe as M
 from moe_explained.moe import (MOE_IMPLS, MixtralMoE, experts_forward, grouped_mm_works, load_hf_block,
                                load_hub_state_dict, moe_dense_masked, moe_loop, moe_sorted, register_experts_impl,
@@ -379,28 +380,17 @@ def test_stored_cpu_benchmark_is_complete_and_consistent():
 
 # ---- no host synchronisation on the per-layer path ---------------------------------------------------------------
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    "Counts the ops that copy a tensor value to the host (`.item()`, `int(t)`, `bool(t)`): on CUDA each one is a sync."
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default: self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not grouped_mm_works('cpu', torch.float32), reason="torch's grouped matmul is unavailable here")
 def test_per_layer_path_reads_nothing_back_to_the_host():
     "MixtralMoE.forward and the experts-interface adapter (impl='sorted', grouped matmul) never read a value to the host."
     moe = MixtralMoE(16, 24, 8, 2, impl='sorted')
     h = torch.randn(2, 5, 16)
     moe(h)                                                      # warm the grouped-mm probe (it runs once, and syncs)
-    with _HostReads() as mode: moe(h)
+    with HostReads() as mode: moe(h)
     assert mode.reads == 0
     hf = hf_block(8, 2, H=16, I=24)
     idx, w = random_routing(10, 8, 2)
-    with _HostReads() as mode: experts_forward(hf.experts, h.reshape(-1, 16), idx, w)
+    with HostReads() as mode: experts_forward(hf.experts, h.reshape(-1, 16), idx, w)
     assert mode.reads == 0
-    with _HostReads() as mode: moe_sorted(h.reshape(-1, 16), idx, w, moe.gate_up_proj, moe.down_proj)
+    with HostReads() as mode: moe_sorted(h.reshape(-1, 16), idx, w, moe.gate_up_proj, moe.down_proj)
     assert mode.reads == 2, mode.reads                          # called directly, the id range is checked: min and max

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import HostReads
 from moe_explained.cache import ExpertCache, simulate
 from moe_explained.speculate import Speculator, layer_states, moe_layers, simulate_prefetch
 from moe_explained.trace import RoutingTrace, record_routing
@@ -91,20 +92,9 @@ def test_bad_input():
                                                 num_attention_heads=2)))
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    "Counts the ops that copy a tensor value to the host (`.item()`, `int(t)`, `bool(t)`): on CUDA each one is a sync."
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default: self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_guess_reads_nothing_back_to_the_host():
     "The engine starts copies from the guesses: computing them must not make the host wait for the device."
     spec, h = Speculator(MODEL, 1), torch.randn(5, 32)
-    with _HostReads() as mode:
+    with HostReads() as mode:
         g = spec.guess(1, h, 2)
     assert mode.reads == 0 and g.shape == (5, 2) and g.device == h.device
