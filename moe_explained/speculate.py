@@ -90,6 +90,6 @@ def simulate_prefetch(trace: RoutingTrace, guesses: dict, policy='LRU', cache_si
                 if l in guesses: caches[l].prefetch(guesses[l][p].tolist())
                 caches[l].request(trace.experts_at(l)[p].tolist())
         for c in caches.values():
-            c.stats.wasted += len(c.pending); c.stats.tokens = b - a if a < b else 0
+            c.stats.wasted += len(c.pending)                   # prefetched, never used by the end of the text
             total = total + c.stats
     return total
