@@ -7,8 +7,8 @@ Docs: https://moe-explained.github.io/moe_explained/hqq.html.md"""
 # %% auto #0
 __all__ = ['SUPPORTED_BITS', 'MAGIC', 'LAYOUT_VERSION', 'ALIGN', 'QUANT_IMPL', 'group_view', 'QTensor', 'quantize_rtn',
            'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'bits_per_weight', 'expert_layout',
-           'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'experts_modules', 'quantize_experts',
-           'quantize_attention']
+           'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'expert_views', 'experts_modules',
+           'quantize_experts', 'quantize_attention']
 
 # %% ../nbs/07_hqq.ipynb #b6c713f6
 import json, math, struct, zlib
@@ -208,10 +208,11 @@ def pack_expert(tensors: dict, bits: int = 2, group_size: int = 16, axis: int = 
 # %% ../nbs/07_hqq.ipynb #18eadbf4
 @dataclass
 class ExpertBuffer:
-    "Zero-copy views into one expert's buffer: the parsed `header`, and `arrays[tensor][section]`, views of `buf`."
+    "Zero-copy views into one expert's buffer: the parsed `header`, and `arrays[tensor][section]`, views of `buf` (sections from byte `start`)."
     buf: Tensor
     header: dict
     arrays: dict
+    start: int = 0
 
     def dequantize(self, name: str, dtype=torch.float32) -> Tensor:
         "Weight `name` as a dense `[out, in]` tensor: unpack the codes, then s (Wq - z) per group."
@@ -254,9 +255,15 @@ def read_expert(buf: Tensor, verify: bool = True) -> ExpertBuffer:
         raise ValueError(f"truncated expert buffer: {buf.numel()} bytes, its header says {start + header['payload_bytes']}")
     buf = buf[:start + header['payload_bytes']]
     if verify and zlib.crc32(buf[_PREFIX.size:].numpy()) != crc: raise ValueError("corrupted expert buffer: CRC-32 mismatch")
+    return expert_views(buf, header, start)
+
+def expert_views(buf: Tensor, header: dict, start: int) -> ExpertBuffer:
+    """The `ExpertBuffer` of views into `buf` for an already parsed `header` whose sections begin at byte `start`
+    (checks nothing): how an engine reads a buffer it copied to the device, whose layout it knows from the host copy
+    (`read_expert(host_row).start`), without reading bytes back."""
     arrays = {name: {s: buf[start + off:start + off + n * _DTYPES[dt].itemsize].view(_DTYPES[dt])
                      for s, (off, n, dt) in info['sections'].items()} for name, info in header['tensors'].items()}
-    return ExpertBuffer(buf, header, arrays)
+    return ExpertBuffer(buf, header, arrays, start)
 
 # %% ../nbs/07_hqq.ipynb #68fbf571
 QUANT_IMPL = 'moe_explained_hqq'
