@@ -93,11 +93,16 @@ def _bits(s: str) -> float:
     if b <= 0: raise argparse.ArgumentTypeError(f'bits must be positive, got {s}')
     return b
 
-def _n_ctx(s: str) -> int:
-    try: n = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f'n-ctx must be an integer, got {s!r}') from None
-    if n < 0: raise argparse.ArgumentTypeError(f'n-ctx must be non-negative, got {n}')
-    return n
+def _int_at_least(name: str, lo: int):
+    "An argparse `type` for integers >= `lo`, whose errors name the option `name`."
+    def parse(s: str) -> int:
+        try: n = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'{name} must be an integer, got {s!r}') from None
+        if n < lo: raise argparse.ArgumentTypeError(f'{name} must be {"non-negative" if lo == 0 else f">= {lo}"}, got {n}')
+        return n
+    return parse
+
+_n_ctx = _int_at_least('n-ctx', 0)
 
 
 # %% ../nbs/90_cli.ipynb #cc1c4bc1
@@ -131,12 +136,6 @@ def models(args) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #7c7bfe0c
-def _positive(s: str) -> int:
-    try: n = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}') from None
-    if n < 1: raise argparse.ArgumentTypeError(f'expected a positive integer, got {n}')
-    return n
-
 @subcommand('generate', 'generate text with a MoE model whose experts are offloaded (default: the packaged tiny Mixtral)',
             arg('prompt', help='the prompt'),
             arg('--model', default=None, help='a local model folder or a hub id (default: the packaged tiny Mixtral)'),
@@ -144,7 +143,7 @@ def _positive(s: str) -> int:
             arg('--experts-bits', type=int, default=None, help='quantize the experts with HQQ to 1, 2, 3, 4 or 8 bits (default: keep them)'),
             arg('--attn-bits', type=int, default=None, help='quantize attention with HQQ to this many bits (default: keep it)'),
             arg('--device', default='auto', help="'cpu', 'cuda' or 'auto' (default: CUDA when there is one)"),
-            arg('--max-new-tokens', type=_positive, default=40, help='tokens to generate (default 40; capped by the context)'),
+            arg('--max-new-tokens', type=_int_at_least('max-new-tokens', 1), default=40, help='tokens to generate (default 40; capped by the context)'),
             arg('--prefetch', action=argparse.BooleanOptionalAction, default=True, help='speculative prefetch (default on)'),
             arg('--miss', choices=('copy', 'host'), default='copy', help='where a missed expert runs (default copy)'),
             arg('--store', choices=('memory', 'disk'), default='memory', help='experts in host RAM or memory-mapped from disk'),

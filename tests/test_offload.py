@@ -349,3 +349,36 @@ def test_cli_generate_options_and_errors(capsys, tmp_path):
     assert rc == 2 and 'cache_size=9 is out of range' in err and 'Traceback' not in err
     rc, out, err = _run(['generate', 'x', '--model', str(tmp_path / 'nope')], capsys)
     assert rc == 2 and 'no such model folder' in err
+
+
+def test_cli_generate_chat_template(capsys, tmp_path):
+    "--chat wraps the prompt in the tokenizer's chat template; a tokenizer without one is refused by name."
+    from moe_explained.pretrained import TINY_MIXTRAL_PATH
+    rc, out, err = _run(['generate', 'hello', '--chat', '--max-new-tokens', '2'], capsys)
+    assert rc == 2 and 'has no chat template' in err
+    folder = tmp_path / 'chat'
+    shutil.copytree(TINY_MIXTRAL_PATH, folder)
+    cfg_file = folder / 'tokenizer_config.json'
+    cfg = json.loads(cfg_file.read_text())
+    cfg['chat_template'] = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+    cfg_file.write_text(json.dumps(cfg))
+    rc, out, err = _run(['generate', 'And God said', '--chat', '--max-new-tokens', '3', '--model', str(folder)], capsys)
+    assert rc == 0, err
+    assert out.startswith('<user> And God said\n<assistant>') and '3 tokens in' in out
+
+
+@pytest.mark.parametrize('arch', ['mixtral', 'qwen3_moe'])
+def test_quantized_attention_equals_quantized_plain(arch):
+    "attn_bits quantizes attention with hqq's HQQLinear (chapter 07): equal to the plain model with the same attention."
+    from transformers import AutoModelForCausalLM
+    from moe_explained.quant import quantize_attention
+    cfg = _config(arch)
+    cfg.hidden_size, cfg.head_dim = 64, 16          # rows of 64 weights: one HQQ group of the default size 64
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg).eval()
+    base.set_experts_implementation('eager')
+    plain = quantize_attention(copy.deepcopy(base), bits=4)
+    m = offload(copy.deepcopy(base), cache_size=2, attn_bits=4, progress=False)
+    n_hqq = lambda model: sum(type(x).__name__ == 'HQQLinear' for x in model.modules())
+    assert n_hqq(m) == n_hqq(plain) == 4 * cfg.num_hidden_layers
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, plain(IDS).logits)
