@@ -61,15 +61,15 @@ class Decoder:
     @torch.no_grad()
     def prefill(self):
         out = self.model(input_ids=self.prompt, use_cache=True)
-        self.pkv, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.pkv, self.next = out.cache, out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
     def decode(self, n):
         toks = []
         for _ in range(n):
             if self.before_step: self.before_step()
-            out = self.model(input_ids=self.next, past_key_values=self.pkv, use_cache=True)
-            self.pkv, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = self.model(input_ids=self.next, cache=self.pkv, use_cache=True)
+            self.pkv, self.next = out.cache, out.logits[:, -1:].argmax(-1)
             toks.append(self.next.item())
         return toks
 
@@ -182,7 +182,7 @@ def cost_model(plain, tmp, reps):
     rows_ram, rows_disk = L.rows, m_disk.moe_offload.layers[0].rows
     slot = torch.empty_like(L.slots[0])
     x = torch.randn(1, plain.config.hidden_size)
-    w_in, w_out = L.host_views[0]
+    w_in, w_out = L.host_views[0]['gate_up_proj'], L.host_views[0]['down_proj']
     def compute(): torch.nn.functional.linear(L.gate_fn(torch.nn.functional.linear(x, w_in)), w_out)
     fns = {'copy from RAM': lambda: slot.copy_(rows_ram[random.randrange(8)]),
            'copy from mmap store (page cache)': lambda: slot.copy_(rows_disk[random.randrange(8)]),

@@ -1,8 +1,11 @@
 __version__ = "0.0.1"
 
-# `import moe_explained` stays cheap (no torch import); the packaged model is one attribute away:
+# `import moe_explained` stays cheap (no torch import); the packaged model and the engine are one attribute away:
 #   model, tokenizer = moe_explained.tiny_mixtral()      (chapter 05 trains it; moe_explained/pretrained.py loads it)
-_LAZY = {"tiny_mixtral": "pretrained", "TINY_MIXTRAL_PATH": "pretrained"}
+#   model = moe_explained.load_offloaded("mistralai/Mixtral-8x7B-Instruct-v0.1", cache_size=4, experts_bits=2)
+#   print(moe_explained.offload_stats(model))            (chapter 10; moe_explained/offload.py)
+_LAZY = {"tiny_mixtral": "pretrained", "TINY_MIXTRAL_PATH": "pretrained",
+         "load_offloaded": "offload", "offload_stats": "offload"}
 
 
 def __getattr__(name):

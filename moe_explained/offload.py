@@ -6,12 +6,13 @@ Docs: https://moe-explained.github.io/moe_explained/offload.html.md"""
 
 # %% auto #0
 __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DATA', 'DONE', 'OFFLOAD_IMPL', 'MISS_MODES',
-           'HUB_FILES', 'dense_format', 'row_views', 'ExpertStore', 'ThreadCopier', 'CudaCopier', 'OffloadedExperts',
-           'OffloadEngine', 'top_k', 'moe_experts', 'resolve_device', 'offload', 'resolve_model', 'check_safetensors',
-           'load_offloaded', 'OffloadStats', 'offload_stats']
+           'HUB_FILES', 'SIZES', 'expert_params', 'dense_format', 'row_views', 'ExpertStore', 'ThreadCopier',
+           'CudaCopier', 'standard_eager', 'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'top_k',
+           'moe_experts', 'resolve_device', 'offload', 'resolve_model', 'check_safetensors', 'load_offloaded',
+           'OffloadStats', 'offload_stats', 'moe_families', 'tiny_moe_config', 'check_family']
 
-# %% ../nbs/10_offload.ipynb #4586f8c6
-import json, math, os, re, shutil, zlib
+# %% ../nbs/10_offload.ipynb #037e3b63
+import copy, inspect, json, math, os, re, shutil, warnings, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import partial
@@ -27,31 +28,40 @@ from .quant import SUPPORTED_BITS, expert_views, pack_expert, quantize_attention
 from .speculate import Speculator
 from .trace import find_moe_blocks
 
-# %% ../nbs/10_offload.ipynb #7df36c1d
+# %% ../nbs/10_offload.ipynb #5dc7d7dc
 STORE_VERSION = 1
 ROW_ALIGN, BLOCK_ALIGN = 64, 4096
 STORE_INDEX, STORE_DATA = 'experts.json', 'experts.bin'
 
 def _up(n: int, a: int) -> int: return -(-n // a) * a
 
-def dense_format(w_in_shape, w_out_shape, dtype) -> dict:
-    """The layout of one expert's row in a dense store: `w_in [out, in]` from byte 0, `w_out [out, in]` from the next
-    64-byte boundary, both contiguous in `dtype`; `nbytes` is the row's length."""
-    item = torch.empty(0, dtype=dtype).element_size()
-    n_in, n_out = math.prod(w_in_shape) * item, math.prod(w_out_shape) * item
-    o_out = _up(n_in, ROW_ALIGN)
-    return dict(kind='dense', dtype=str(dtype).removeprefix('torch.'), w_in=[list(w_in_shape), 0],
-                w_out=[list(w_out_shape), o_out], nbytes=_up(o_out + n_out, ROW_ALIGN))
+def expert_params(module: nn.Module) -> dict:
+    """The per-expert parameters of a transformers experts module, `{name: tensor [E, ...]}`: every parameter of the
+    module itself whose first dimension is its number of experts (`gate_up_proj`, `down_proj`, biases, ...)."""
+    own = dict(module.named_parameters(recurse=False))
+    E = getattr(module, 'num_experts', None)
+    if not isinstance(E, int): E = max((p.shape[0] for p in own.values() if p.dim()), default=0)
+    return {n: p for n, p in own.items() if p.dim() >= 1 and p.shape[0] == E}
+
+def dense_format(fields: dict) -> dict:
+    """The layout of one expert's row in a dense store: each of `fields` (`{name: (shape, dtype)}`, one expert's slice
+    of each per-expert parameter, in the module's own layout) contiguous from a 64-byte boundary, in order; `nbytes` is
+    the row's length."""
+    out, off = {}, 0
+    for name, (shape, dtype) in fields.items():
+        out[name] = [list(shape), off, str(dtype).removeprefix('torch.')]
+        off = _up(off + math.prod(shape) * torch.empty(0, dtype=dtype).element_size(), ROW_ALIGN)
+    return dict(kind='dense', fields=out, nbytes=max(off, ROW_ALIGN))
 
 def row_views(fmt: dict, buf: torch.Tensor):
-    """Zero-copy views of one expert's weights in a row `buf` (host, memory-mapped, or a device slot): `(w_in, w_out)`
+    """Zero-copy views of one expert's weights in a row `buf` (host, memory-mapped, or a device slot): `{name: tensor}`
     for a dense row, an `ExpertBuffer` (chapter 07) for a packed HQQ row. Reads no bytes."""
     if fmt['kind'] == 'hqq': return expert_views(buf, fmt['header'], fmt['start'])
-    dtype = getattr(torch, fmt['dtype'])
-    def view(shape, off):
-        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return buf[off:off + n].view(dtype).view(shape)
-    return view(*fmt['w_in']), view(*fmt['w_out'])
+    views = {}
+    for name, (shape, off, dt) in fmt['fields'].items():
+        dtype = getattr(torch, dt)
+        views[name] = buf[off:off + math.prod(shape) * torch.empty(0, dtype=dtype).element_size()].view(dtype).view(shape)
+    return views
 
 class ExpertStore:
     """Every expert of every MoE layer exactly once, outside the device. `rows[layer]` is a `[E, nbytes]` uint8 tensor:
@@ -118,14 +128,14 @@ class ExpertStore:
             out = open(path / (STORE_DATA + '.partial'), 'wb')
         try:
             for layer, m in tqdm(blocks, desc='building the expert store', disable=not progress):
-                w_in, w_out, _ = expert_weights(m)
-                E = w_in.shape[0]
-                if bits is None:
-                    fmt = dense_format(tuple(w_in.shape[1:]), tuple(w_out.shape[1:]), w_in.dtype)
+                params = expert_params(m)
+                E = next(iter(params.values())).shape[0]
+                if bits is None:                          # every per-expert parameter, in the module's own layout
+                    fmt = dense_format({n: (tuple(p.shape[1:]), p.dtype) for n, p in params.items()})
                     def make(e, buf):
-                        a, b = row_views(fmt, buf)
-                        a.copy_(w_in[e]); b.copy_(w_out[e])
+                        for n, v in row_views(fmt, buf).items(): v.copy_(params[n][e])
                 else:
+                    w_in, w_out, _ = expert_weights(m)
                     first = pack_expert(dict(w_in=w_in[0], w_out=w_out[0]), bits, group_size, meta_bits=meta_bits)
                     eb = read_expert(first)
                     fmt = dict(kind='hqq', header=eb.header, start=eb.start, nbytes=first.numel())
@@ -147,8 +157,8 @@ class ExpertStore:
                     index[str(layer)] = dict(offset=offset, num_experts=E, nbytes=n, format=fmt, crc32=crcs)
                     offset += E * n + pad
                 formats[layer] = fmt
-                for p in ('gate_up_proj', 'up_proj', 'down_proj'): m._parameters.pop(p, None)
-                m.is_transposed = False                     # the rows hold [out, in] weights
+                for p in params: m._parameters.pop(p)
+                if bits is not None: m.is_transposed = False   # the packed buffers hold [out, in] weights
             if out is None: return cls(rows, formats)
             out.close()
             os.replace(path / (STORE_DATA + '.partial'), path / STORE_DATA)
@@ -158,7 +168,7 @@ class ExpertStore:
             if out is not None and not out.closed:
                 out.close(); (path / (STORE_DATA + '.partial')).unlink(missing_ok=True)
 
-# %% ../nbs/10_offload.ipynb #442473f1
+# %% ../nbs/10_offload.ipynb #298e7908
 class _Done:
     "The handle of a copy that has finished."
     def wait(self): pass
@@ -227,7 +237,35 @@ class CudaCopier(ThreadCopier):
     def copy_now(self, dst, src): self._count(dst); dst.copy_(src, non_blocking=src.is_pinned())   # on the compute stream
     def drain(self): super().drain(); self.stream.synchronize()
 
-# %% ../nbs/10_offload.ipynb #d216d3a0
+# %% ../nbs/10_offload.ipynb #2873121a
+def standard_eager(module: nn.Module) -> bool:
+    """Whether `module`'s experts class has transformers' standard eager forward (Mixtral's, shared by most MoE
+    families: `gate_up_proj`, `act_fn(gate) * up`, `down_proj`, `index_add_` in expert order), which the engine mirrors
+    operation for operation; other classes run through `run_one_expert`."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    src = lambda cls: re.sub(r'\s+', ' ', inspect.getsource(cls.forward.__wrapped__))
+    cls = type(module)
+    if cls not in _STANDARD:
+        try: _STANDARD[cls] = src(cls) == src(MixtralExperts)
+        except (AttributeError, OSError, TypeError): _STANDARD[cls] = False
+    return _STANDARD[cls]
+_STANDARD = {}
+
+def run_one_expert(module: nn.Module, weights: dict, x: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
+    """One expert's weighted output on its tokens `x [n, H]` (`routing_weight [n, 1]`), computed by the experts class's
+    *own* forward: the module is shown a one-expert version of itself — its per-expert parameters replaced by views of
+    this expert's `weights` (a leading dimension of 1), `num_experts = 1` — and every token routed to expert 0. The
+    class's loop then runs exactly the operations it would run for this expert in the full model."""
+    forward = type(module).forward.__wrapped__
+    saved = {n: module.__dict__[n] for n in ('num_experts', *weights) if n in module.__dict__}
+    try:
+        for n, v in weights.items(): module.__dict__[n] = v.unsqueeze(0)
+        module.__dict__['num_experts'] = 1
+        return forward(module, x, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), routing_weight)
+    finally:
+        for n in ('num_experts', *weights): module.__dict__.pop(n, None)
+        module.__dict__.update(saved)
+
 @dataclass
 class _Source:
     "Where an expert's weights come from in one layer call: a device slot, the staging buffer, or the host store."
@@ -250,7 +288,9 @@ class OffloadedExperts:
         self.slot_views = [row_views(self.fmt, self.slots[s]) for s in range(capacity)]
         self.staging_view = row_views(self.fmt, self.staging)
         self.host_views = [store.views(layer, e) for e in range(self.E)]
+        self.module = module
         self.gate_fn = module._apply_gate if module.has_gate else module.act_fn
+        self.mode = 'hqq' if self.fmt['kind'] == 'hqq' else 'eager' if standard_eager(module) else 'generic'
         self.past, self.tokens = CacheStats(), 0
         self.reset()
 
@@ -343,20 +383,27 @@ class OffloadedExperts:
     def _expert(self, e, w, on_host, expert_mask, hidden_states, top_k_index, top_k_weights):
         "Expert `e`'s weighted output on its tokens, by the same operations as the reference forward of its format."
         dev = hidden_states.device
-        if self.fmt['kind'] == 'dense':           # transformers' eager experts forward, operation for operation
+        if self.mode == 'eager':                  # transformers' standard eager experts forward, operation for operation
             top_k_pos, token_idx = torch.where(expert_mask[e])
             x = hidden_states[token_idx]
-            if on_host: x = x.to(w[0].device)
-            h = self.gate_fn(F.linear(x, w[0]))
-            y = F.linear(h, w[1]).to(dev)
+            if on_host: x = x.to(w['gate_up_proj'].device)
+            gate, up = F.linear(x, w['gate_up_proj']).chunk(2, dim=-1)
+            y = F.linear(self.module.act_fn(gate) * up, w['down_proj']).to(dev)
             return token_idx, y * top_k_weights[token_idx, top_k_pos, None]
+        if self.mode == 'generic':                # the class's own forward, on this one expert's weights
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            x, weight = hidden_states[token_idx], top_k_weights[token_idx, top_k_pos, None]
+            if on_host:
+                host = next(iter(w.values())).device
+                x, weight = x.to(host), weight.to(host)
+            return token_idx, run_one_expert(self.module, w, x, weight).to(dev)
         token, pos = torch.where(top_k_index == e)   # chapter 07's quantized experts forward
         x = hidden_states[token]
         y = w.forward(x.to(w.buf.device) if on_host else x, self.gate_fn).to(dev)
         return token, y.float() * top_k_weights[token, pos, None].float()
 
     def _combine(self, ids, outs, hidden_states):
-        if self.fmt['kind'] == 'dense':
+        if self.mode != 'hqq':
             final = torch.zeros_like(hidden_states)
             for e in ids: final.index_add_(0, outs[e][0], outs[e][1].to(final.dtype))
             return final
@@ -364,7 +411,7 @@ class OffloadedExperts:
         for e in ids: out.index_add_(0, *outs[e])
         return out.to(hidden_states.dtype)
 
-# %% ../nbs/10_offload.ipynb #95513679
+# %% ../nbs/10_offload.ipynb #a58dffc1
 OFFLOAD_IMPL = 'moe_explained_offload'
 MISS_MODES = ('copy', 'host')
 
@@ -390,9 +437,12 @@ class OffloadEngine:
         for layer, _, block, _ in find_moe_blocks(model):
             self.layers[layer] = OffloadedExperts(self, layer, block.experts, cache_size)
             block.experts._moe_offload = self.layers[layer]
-        self.cache_size, self.prefetch_n = cache_size, 0
+        self.cache_size, self.prefetch_n, self.speculator = cache_size, 0, None
         if prefetch:
-            self.speculator = Speculator(model, lookahead=1)
+            try: self.speculator = Speculator(model, lookahead=1)
+            except ValueError as e:                      # a layout chapter 09's guess does not cover: run without it
+                warnings.warn(f"speculative prefetch is off for this model: {e}", stacklevel=3)
+        if self.speculator is not None:
             for layer, parent, norm, router in self.speculator.layers:
                 t = self.speculator.target(layer)
                 if t is None: continue
@@ -428,7 +478,7 @@ class OffloadEngine:
         for h in self.hooks: h.remove()
         self.copier.close()
 
-# %% ../nbs/10_offload.ipynb #9cbabde7
+# %% ../nbs/10_offload.ipynb #4586e393
 def top_k(model: nn.Module) -> int:
     "Experts per token of a transformers MoE model's config (`num_experts_per_tok`, or the router's `top_k`)."
     k = getattr(model.config, 'num_experts_per_tok', None)
@@ -437,10 +487,11 @@ def top_k(model: nn.Module) -> int:
     if k is None: raise ValueError(f"{type(model).__name__}: cannot tell how many experts a token uses (no num_experts_per_tok)")
     return int(k)
 
-def moe_experts(model: nn.Module) -> list:
+def moe_experts(model: nn.Module, quantized: bool = False) -> list:
     """`(layer, experts_module)` of every MoE layer, after checking the engine can serve them: the model has MoE layers,
-    their experts use transformers' experts interface (`@use_experts_implementation`) and a layout we handle.
-    Raises ValueError naming the problem."""
+    their experts use transformers' experts interface (`@use_experts_implementation`), are not already quantized or
+    offloaded, and — to be quantized (`quantized`) — have a layout chapter 07 handles. Raises ValueError naming the
+    problem."""
     name = type(model).__name__
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -452,14 +503,14 @@ def moe_experts(model: nn.Module) -> list:
         if m is None or not hasattr(m, 'has_gate'):
             raise ValueError(f"{name}: the experts of layer {layer} ({type(m).__name__}) do not use transformers' experts "
                              f"interface (@use_experts_implementation), which the offloading engine plugs into")
-        try: expert_weights(m)
-        except NotImplementedError as e: raise ValueError(f"{name}: {e}") from None
-        except AttributeError:
-            if hasattr(m, 'moe_qbuf'):
-                raise ValueError(f"{name}: its experts are already quantized in place (chapter 07); offload the "
-                                 f"unquantized model with experts_bits= instead") from None
-            if hasattr(m, '_moe_offload'): raise ValueError(f"{name} is already offloaded") from None
-            raise
+        if hasattr(m, 'moe_qbuf'):
+            raise ValueError(f"{name}: its experts are already quantized in place (chapter 07); offload the "
+                             f"unquantized model with experts_bits= instead")
+        if hasattr(m, '_moe_offload'): raise ValueError(f"{name} is already offloaded")
+        if not expert_params(m): raise ValueError(f"{name}: the experts of layer {layer} ({type(m).__name__}) have no per-expert parameters")
+        if quantized:
+            try: expert_weights(m)
+            except NotImplementedError as e: raise ValueError(f"{name}: cannot quantize its experts: {e}") from None
         out.append((layer, m))
     return out
 
@@ -493,7 +544,7 @@ def _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, p
     if isinstance(policy, str) and POLICIES[policy].may_drop_needed:
         raise ValueError(f"policy {policy!r} needs the future (a bound for the simulator, chapter 08); the engine cannot run it")
 
-# %% ../nbs/10_offload.ipynb #16511c62
+# %% ../nbs/10_offload.ipynb #fe9fbc57
 def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=None, device=None, prefetch=True,
             miss: str = 'copy', store: str = 'memory', offload_folder=None, policy='LRU', group_size: int = 16,
             progress: bool = True) -> nn.Module:
@@ -504,15 +555,15 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     checked before anything changes. Returns the model; `offload_stats(model)` reports on it."""
     _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, policy)
     device = resolve_device(device)
-    mods = moe_experts(model)
-    E = min(expert_weights(m)[0].shape[0] for _, m in mods)
+    mods = moe_experts(model, quantized=experts_bits is not None)
+    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in mods)
     if cache_size > E:
         raise ValueError(f"cache_size={cache_size} is out of range: need 1 <= cache_size <= {E}, the experts per layer "
                          f"(with {E} slots every expert is on the device; nothing is offloaded)")
     if store == 'disk':
         folder = Path(offload_folder) if offload_folder is not None else None
         if folder is None: raise ValueError("store='disk' needs offload_folder=, the folder to memory-map the experts from")
-        need = sum(w.numel() * w.element_size() for _, m in mods for w in expert_weights(m)[:2])
+        need = sum(p.numel() * p.element_size() for _, m in mods for p in expert_params(m).values())
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if experts_bits is None and need > free:
@@ -529,7 +580,7 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     model.set_experts_implementation(OFFLOAD_IMPL)
     return model.eval()
 
-# %% ../nbs/10_offload.ipynb #04952de2
+# %% ../nbs/10_offload.ipynb #e6ce89ff
 HUB_FILES = ['*.json', '*.safetensors', 'tokenizer*', '*.model', '*.tiktoken', '*.txt', '*.jinja']
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
@@ -605,8 +656,8 @@ def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, at
     try:
         with torch.device('meta'): skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as e: raise ValueError(f"{path}: transformers has no causal LM for this config ({e})") from None
-    mods = moe_experts(skeleton)
-    E = min(expert_weights(m)[0].shape[0] for _, m in mods)
+    mods = moe_experts(skeleton, quantized=experts_bits is not None)
+    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in mods)
     if cache_size > E: raise ValueError(f"cache_size={cache_size} is out of range: need 1 <= cache_size <= {E}, the experts per layer")
     del skeleton
     check_safetensors(path)
@@ -614,7 +665,7 @@ def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, at
     return offload(model, cache_size, experts_bits, attn_bits, device, prefetch, miss, store, offload_folder, policy,
                    progress=progress)
 
-# %% ../nbs/10_offload.ipynb #39ff42cb
+# %% ../nbs/10_offload.ipynb #df2b6bab
 @dataclass
 class OffloadStats:
     """What the engine did since the model was offloaded (all MoE layers together): `requests` = `hits` + `misses`;
@@ -654,3 +705,72 @@ def offload_stats(model: nn.Module) -> OffloadStats:
                         sum(l.device_bytes for l in layers), 0 if st.memory_mapped else st.nbytes,
                         st.nbytes if st.memory_mapped else 0, eng.cache_size, layers[0].E, len(layers), eng.miss,
                         eng.prefetch_n, str(eng.device))
+
+# %% ../nbs/10_offload.ipynb #2ccd193c
+SIZES = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, expert_intermediate_size=32,
+             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+             max_position_embeddings=128, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
+             num_experts_per_tok=2, moe_topk=2, moe_k=2, top_k=2, shared_expert_intermediate_size=32, n_shared_experts=1,
+             kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+             topk_group=1, first_k_dense_replace=1, num_dense_layers=1, first_dense_layers=1)
+
+def moe_families() -> list:
+    "The model families (folder names under `transformers/models`) whose modeling file decorates an experts class with `@use_experts_implementation`."
+    import transformers
+    root = Path(transformers.__file__).parent / 'models'
+    return sorted(f.parent.name for f in root.glob('*/modeling_*.py')
+                  if f.stem == f'modeling_{f.parent.name}' and '@use_experts_implementation' in f.read_text())
+
+def tiny_moe_config(config_class, **overrides):
+    """A tiny config of `config_class`: `SIZES` for the fields it has, special tokens inside the vocabulary, MoE blocks
+    switched on, layer-type lists cut to a prefix that keeps an attention layer (and an MoE layer after a dense first)."""
+    d = config_class().to_dict()
+    kw = {k: v for k, v in SIZES.items() if k in d}
+    if 'kv_lora_rank' in d: kw['head_dim'] = kw.get('qk_rope_head_dim', 8)        # multi-head latent attention
+    kw |= {k: v for k, v in (('pad_token_id', 0), ('bos_token_id', 1), ('eos_token_id', 2)) if k in d}
+    if 'enable_moe_block' in d: kw |= dict(enable_moe_block=True, top_k_experts=2)
+    n = kw.get('num_hidden_layers', 3)
+    lt = d.get('layer_types')
+    if isinstance(lt, list) and lt:
+        attn = [i for i, t in enumerate(lt) if 'attention' in str(t) and 'linear' not in str(t)]
+        n = max(n, attn[0] + 1 if attn else n)
+        kw['layer_types'] = lt[:n]
+    mt = d.get('mlp_layer_types')
+    if isinstance(mt, list) and mt: kw['mlp_layer_types'] = [mt[0]] + ['sparse'] * (n - 1)
+    kw['num_hidden_layers'] = n
+    return config_class(**(kw | overrides))
+
+def check_family(family: str, cache_size: int = 2) -> tuple:
+    "`(status, detail)` of one family: 'passed' (offloaded logits == plain logits), 'failing', 'not built' or 'not applicable'."
+    import importlib, time
+    start = time.perf_counter()
+    try:
+        mod = importlib.import_module(f'transformers.models.{family}.modeling_{family}')
+        lms = [c for n, c in vars(mod).items() if isinstance(c, type) and n.endswith('ForCausalLM') and c.__module__ == mod.__name__]
+        if not lms: return 'not applicable', 'no *ForCausalLM class (not a causal LM)'
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.manual_seed(0)
+            plain = lms[0](tiny_moe_config(lms[0].config_class)).eval()
+        with torch.no_grad():
+            for p in plain.parameters():
+                if p.dim() >= 1: p.normal_(0, 0.05)
+    except Exception as e: return 'not built', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}'
+    try: moe_experts(plain)
+    except ValueError as e: return 'not applicable', str(e)[:110]
+    ids = torch.randint(0, plain.config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    try:
+        plain.set_experts_implementation('eager')
+        with torch.no_grad(): ref = plain(ids).logits
+    except Exception as e: return 'not built', f'the plain tiny model fails: {type(e).__name__}: {str(e).splitlines()[0][:90]}'
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            m = offload(copy.deepcopy(plain), cache_size=cache_size, progress=False)
+            with torch.no_grad(): out = m(ids).logits
+    except Exception as e: return 'failing', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}'
+    eng = m.moe_offload
+    detail = (f'{next(iter(eng.layers.values())).mode}, {len(eng.layers)} of {plain.config.get_text_config().num_hidden_layers} '
+              f'layers MoE, prefetch {"on" if eng.prefetch_n else "off"}, {time.perf_counter() - start:.1f} s')
+    if torch.equal(out, ref): return 'passed', detail
+    return 'failing', f'logits differ by up to {(out - ref).abs().max().item():.3g} ({detail})'

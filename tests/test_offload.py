@@ -101,8 +101,8 @@ def test_store_holds_every_expert_once_and_files_check(tmp_path):
     for layer in store.layers:
         ex = plain.model.layers[layer].mlp.experts
         for e in range(store.num_experts(layer)):
-            w_in, w_out = store.views(layer, e)
-            assert torch.equal(w_in, ex.gate_up_proj[e]) and torch.equal(w_out, ex.down_proj[e])
+            views = store.views(layer, e)
+            assert torch.equal(views['gate_up_proj'], ex.gate_up_proj[e]) and torch.equal(views['down_proj'], ex.down_proj[e])
     ExpertStore.open(tmp_path, verify=True)
     # a flipped byte fails the CRC-32 check; a truncated file is refused by its length
     data = bytearray((tmp_path / 'experts.bin').read_bytes())
@@ -382,3 +382,8 @@ def test_quantized_attention_equals_quantized_plain(arch):
     n_hqq = lambda model: sum(type(x).__name__ == 'HQQLinear' for x in model.modules())
     assert n_hqq(m) == n_hqq(plain) == 4 * cfg.num_hidden_layers
     with torch.no_grad(): assert torch.equal(m(IDS).logits, plain(IDS).logits)
+
+
+def test_top_level_names():
+    import moe_explained
+    assert moe_explained.load_offloaded is load_offloaded and moe_explained.offload_stats is offload_stats

@@ -1,0 +1,18 @@
+"""The benchmark scripts run (their --quick smoke mode, small shapes) and write results with the fields the chapters read."""
+import json, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_offload_quick(tmp_path):
+    out = tmp_path / 'offload.json'
+    res = subprocess.run([sys.executable, 'benchmarks/bench_offload.py', '--quick', '--out', str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert {'env', 'cost_model', 'overhead', 'constrained'} <= set(r)
+    c = r['constrained']
+    assert all(c['info']['same_tokens_as_plain'].values())          # every variant decodes the plain model's tokens
+    assert c['naive (no cache)']['hit_rate'] == 0 and 0 < c['ours, no prefetch, miss=copy']['hit_rate'] <= 1
+    assert all(s['same_tokens_as_eager'] for s in r['overhead'].values())
