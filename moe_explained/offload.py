@@ -11,7 +11,7 @@ __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DA
            'moe_experts', 'resolve_device', 'offload', 'resolve_model', 'check_safetensors', 'load_offloaded',
            'OffloadStats', 'offload_stats', 'moe_families', 'tiny_moe_config', 'check_family']
 
-# %% ../nbs/10_offload.ipynb #037e3b63
+# %% ../nbs/10_offload.ipynb #b4875e43
 import copy, inspect, json, math, os, re, shutil, warnings, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CacheStats, ExpertCache, POLICIES
+from .cache import CacheStats, ExpertCache, POLICIES, Policy
 from .moe import expert_weights
-from .quant import SUPPORTED_BITS, expert_views, pack_expert, quantize_attention, read_expert
+from .quant import SUPPORTED_BITS, expert_nbytes, expert_views, pack_expert, quantize_attention, read_expert
 from .speculate import Speculator
 from .trace import find_moe_blocks
 
-# %% ../nbs/10_offload.ipynb #5dc7d7dc
+# %% ../nbs/10_offload.ipynb #6efa17d0
 STORE_VERSION = 1
 ROW_ALIGN, BLOCK_ALIGN = 64, 4096
 STORE_INDEX, STORE_DATA = 'experts.json', 'experts.bin'
@@ -168,7 +168,7 @@ class ExpertStore:
             if out is not None and not out.closed:
                 out.close(); (path / (STORE_DATA + '.partial')).unlink(missing_ok=True)
 
-# %% ../nbs/10_offload.ipynb #298e7908
+# %% ../nbs/10_offload.ipynb #b4999e6d
 class _Done:
     "The handle of a copy that has finished."
     def wait(self): pass
@@ -181,8 +181,8 @@ class _FutureHandle:
     def done(self): return self.fut.done()
 
 class _EventHandle:
-    def __init__(self, event): self.event = event
-    def wait(self): torch.cuda.current_stream().wait_event(self.event)   # the device waits; the host does not
+    def __init__(self, event, device): self.event, self.device = event, device
+    def wait(self): torch.cuda.current_stream(self.device).wait_event(self.event)   # the device waits; the host does not
     def done(self): return self.event.query()
 
 class ThreadCopier:
@@ -192,15 +192,18 @@ class ThreadCopier:
     releases the GIL, also while it faults in pages of a memory-mapped store, so it overlaps the model's compute."""
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix='moe-explained-copy')
-        self.copies, self.bytes, self.last = 0, 0, DONE
+        self.copies, self.bytes, self.last, self.bytes_by_kind = 0, 0, DONE, {}
 
-    def _count(self, dst): self.copies += 1; self.bytes += dst.numel()
-    def _copy(self, dst, src): dst.copy_(src)
-    def copy(self, dst, src, after=None):
-        self._count(dst)
-        self.last = _FutureHandle(self.pool.submit(self._copy, dst, src))
+    def _count(self, dst, kind):
+        self.copies += 1; self.bytes += dst.numel()
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + dst.numel()
+    def _copy(self, dst, src, kind): dst.copy_(src)
+    def copy(self, dst, src, after=None, kind='miss'):
+        "Copy `src` into `dst` in the background, after the event `after` (CUDA); `kind` ('miss', 'prefetch') is counted."
+        self._count(dst, kind)
+        self.last = _FutureHandle(self.pool.submit(self._copy, dst, src, kind))
         return self.last
-    def copy_now(self, dst, src): self._count(dst); dst.copy_(src)
+    def copy_now(self, dst, src): self._count(dst, 'staging'); dst.copy_(src)
     def drain(self):
         "Wait for every copy asked for so far (a failed copy raises here)."
         self.last.wait()
@@ -209,8 +212,9 @@ class ThreadCopier:
 class CudaCopier(ThreadCopier):
     """The CUDA layer over the same logic: copies from pinned host rows are issued on a separate CUDA stream
     (`non_blocking`), after the event `after` (the compute stream's last read of the slot's layer), and end in an event
-    the compute stream waits on: no host synchronisation. Rows of a memory-mapped store are first read into a pinned
-    bounce buffer on the background thread, which then waits for its own copy (the host's compute thread does not)."""
+    the compute stream waits on: the copy itself needs no host synchronisation. Rows of a memory-mapped store are first
+    read into a pinned bounce buffer on the background thread, which waits for its own copy before reusing the buffer,
+    so a read of such a row waits on the host: the disk tier is not pipelined on CUDA."""
     def __init__(self, device, max_nbytes: int):
         super().__init__()
         self.device, self.stream = torch.device(device), torch.cuda.Stream(device)
@@ -229,15 +233,15 @@ class CudaCopier(ThreadCopier):
         b.copy_(src)
         self._issue(dst, b, after).synchronize()           # the bounce buffer is reused by the next copy
 
-    def copy(self, dst, src, after=None):
-        self._count(dst)
-        if src.is_pinned(): self.last = _EventHandle(self._issue(dst, src, after))
+    def copy(self, dst, src, after=None, kind='miss'):
+        self._count(dst, kind)
+        if src.is_pinned(): self.last = _EventHandle(self._issue(dst, src, after), self.device)
         else: self.last = _FutureHandle(self.pool.submit(self._bounce_copy, dst, src, after))
         return self.last
-    def copy_now(self, dst, src): self._count(dst); dst.copy_(src, non_blocking=src.is_pinned())   # on the compute stream
+    def copy_now(self, dst, src): self._count(dst, 'staging'); dst.copy_(src, non_blocking=src.is_pinned())   # compute stream
     def drain(self): super().drain(); self.stream.synchronize()
 
-# %% ../nbs/10_offload.ipynb #2873121a
+# %% ../nbs/10_offload.ipynb #52e811c6
 def standard_eager(module: nn.Module) -> bool:
     """Whether `module`'s experts class has transformers' standard eager forward (Mixtral's, shared by most MoE
     families: `gate_up_proj`, `act_fn(gate) * up`, `down_proj`, `index_add_` in expert order), which the engine mirrors
@@ -300,7 +304,9 @@ class OffloadedExperts:
             self.past = self.past + self.cache.stats
             self.past.wasted += len(self.cache.pending)      # prefetched, dropped by the reset before any use
         policy = self.engine.policy
-        self.cache = ExpertCache(self.E, self.capacity, policy() if isinstance(policy, type) else policy)
+        if isinstance(policy, type): policy = policy()
+        elif isinstance(policy, Policy): policy = copy.deepcopy(policy)   # one state per layer
+        self.cache = ExpertCache(self.E, self.capacity, policy)
         self.slot_of, self.free, self.ready, self.read_done = {}, [(s, None) for s in range(self.capacity)], [DONE] * self.capacity, None
 
     stats = property(lambda self: self.past + self.cache.stats, doc="This layer's `CacheStats` so far.")
@@ -320,8 +326,8 @@ class OffloadedExperts:
             out.append((e, s, prev not in busy))
         return out
 
-    def _load(self, e: int, s: int, after=None):
-        self.ready[s] = self.engine.copier.copy(self.slots[s], self.rows[e], after=after)
+    def _load(self, e: int, s: int, after=None, kind: str = 'miss'):
+        self.ready[s] = self.engine.copier.copy(self.slots[s], self.rows[e], after=after, kind=kind)
 
     def _guarded(self, fn, *args):
         try: return fn(*args)
@@ -335,7 +341,7 @@ class OffloadedExperts:
 
     def _prefetch(self, ids):
         self.cache.prefetch(ids)
-        for e, s, _ in self._assign(): self._load(e, s, self.read_done)
+        for e, s, _ in self._assign(): self._load(e, s, self.read_done, kind='prefetch')
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         return self._guarded(self._forward, hidden_states, top_k_index, top_k_weights)
@@ -363,6 +369,7 @@ class OffloadedExperts:
             src[e] = _Source('host') if host else _Source('slot', s)
         for e in ids:                              # misses it does not keep (a prefill using more experts than slots)
             if e not in src: src[e] = _Source('host' if host else 'staging')
+        self.engine.issue_prefetch(self.layer)     # the next layer's guesses queue behind this layer's own misses
         # 2. compute, hits first (their slots may be reused by deferred copies), then misses; sum in expert order
         order = [e for e in ids if hits[e]] + [e for e in ids if not hits[e]]
         outs, hits_done = {}, False
@@ -411,7 +418,7 @@ class OffloadedExperts:
         for e in ids: out.index_add_(0, *outs[e])
         return out.to(hidden_states.dtype)
 
-# %% ../nbs/10_offload.ipynb #a58dffc1
+# %% ../nbs/10_offload.ipynb #de7a97bd
 OFFLOAD_IMPL = 'moe_explained_offload'
 MISS_MODES = ('copy', 'host')
 
@@ -436,8 +443,11 @@ class OffloadEngine:
         self.layers, self.hooks = {}, []
         for layer, _, block, _ in find_moe_blocks(model):
             self.layers[layer] = OffloadedExperts(self, layer, block.experts, cache_size)
+            if miss == 'host' and cuda and self.layers[layer].mode == 'generic':
+                raise ValueError(f"miss='host' on CUDA runs the standard experts forward only; {type(block.experts).__name__} "
+                                 f"has its own (its other parameters stay on the device): use miss='copy'")
             block.experts._moe_offload = self.layers[layer]
-        self.cache_size, self.prefetch_n, self.speculator = cache_size, 0, None
+        self.cache_size, self.prefetch_n, self.speculator, self.guesses, self._guessing = cache_size, 0, None, {}, False
         if prefetch:
             try: self.speculator = Speculator(model, lookahead=1)
             except ValueError as e:                      # a layout chapter 09's guess does not cover: run without it
@@ -453,19 +463,29 @@ class OffloadEngine:
     def record_event(self):
         "An event on the compute stream (CUDA) marking the reads so far; None on CPU, where compute is synchronous."
         if self.device.type != 'cuda': return None
-        ev = torch.cuda.Event(); ev.record(); return ev
+        ev = torch.cuda.Event(); ev.record(torch.cuda.current_stream(self.device)); return ev
 
     @torch.no_grad()
     def _prefetch_hook(self, layer, target, n, module, args):
+        "Guess `target`'s experts from `layer`'s MoE input; the copies start once `layer` has queued its own misses."
+        if self._guessing: return      # the guess below runs the target layer's norm, whose hook must not guess again
         h = args[0]
-        if h.shape[:-1].numel() != 1: return           # prefill: every expert is about to be needed anyway
-        ids = self.speculator.guess(layer, h.reshape(1, -1), n=n)[0].tolist()
-        self.layers[target].prefetch(ids)
+        if h.shape[:-1].numel() != 1:                  # prefill: every expert is about to be needed anyway
+            self.guesses.pop(layer, None); return
+        self._guessing = True
+        try: self.guesses[layer] = (target, self.speculator.guess(layer, h.reshape(1, -1), n=n)[0].tolist())
+        finally: self._guessing = False
+
+    def issue_prefetch(self, layer: int):
+        "Start the prefetch guessed at `layer` (if any) for the layer it targets."
+        target, ids = self.guesses.pop(layer, (None, None))
+        if target is not None: self.layers[target].prefetch(ids)
 
     def recover(self, layer: OffloadedExperts):
         "After an interrupted call: wait for the copies in flight, then empty `layer`'s slots (the others are consistent)."
         try: self.copier.drain()
         except Exception: pass
+        self.guesses.clear()
         layer.reset()
 
     def stats(self) -> CacheStats:
@@ -478,7 +498,7 @@ class OffloadEngine:
         for h in self.hooks: h.remove()
         self.copier.close()
 
-# %% ../nbs/10_offload.ipynb #4586e393
+# %% ../nbs/10_offload.ipynb #899524b7
 def top_k(model: nn.Module) -> int:
     "Experts per token of a transformers MoE model's config (`num_experts_per_tok`, or the router's `top_k`)."
     k = getattr(model.config, 'num_experts_per_tok', None)
@@ -544,7 +564,7 @@ def _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, p
     if isinstance(policy, str) and POLICIES[policy].may_drop_needed:
         raise ValueError(f"policy {policy!r} needs the future (a bound for the simulator, chapter 08); the engine cannot run it")
 
-# %% ../nbs/10_offload.ipynb #fe9fbc57
+# %% ../nbs/10_offload.ipynb #22c2e84d
 def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=None, device=None, prefetch=True,
             miss: str = 'copy', store: str = 'memory', offload_folder=None, policy='LRU', group_size: int = 16,
             progress: bool = True) -> nn.Module:
@@ -563,10 +583,14 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     if store == 'disk':
         folder = Path(offload_folder) if offload_folder is not None else None
         if folder is None: raise ValueError("store='disk' needs offload_folder=, the folder to memory-map the experts from")
-        need = sum(p.numel() * p.element_size() for _, m in mods for p in expert_params(m).values())
+        if experts_bits is None: need = sum(p.numel() * p.element_size() for _, m in mods for p in expert_params(m).values())
+        else:
+            need = sum(expert_weights(m)[0].shape[0] * expert_nbytes(
+                {'w_in': tuple(expert_weights(m)[0].shape[1:]), 'w_out': tuple(expert_weights(m)[1].shape[1:])},
+                bits=experts_bits, group_size=group_size) for _, m in mods)
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
-        if experts_bits is None and need > free:
+        if need > free:
             raise ValueError(f"the experts need {need / 2**30:.2f} GiB in {folder}, which has {free / 2**30:.2f} GiB free")
     elif offload_folder is not None: raise ValueError("offload_folder= is for store='disk'")
     if attn_bits is not None: quantize_attention(model, attn_bits)   # checks every shape before replacing anything
@@ -580,7 +604,7 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     model.set_experts_implementation(OFFLOAD_IMPL)
     return model.eval()
 
-# %% ../nbs/10_offload.ipynb #e6ce89ff
+# %% ../nbs/10_offload.ipynb #f2a69f28
 HUB_FILES = ['*.json', '*.safetensors', 'tokenizer*', '*.model', '*.tiktoken', '*.txt', '*.jinja']
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
@@ -665,15 +689,16 @@ def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, at
     return offload(model, cache_size, experts_bits, attn_bits, device, prefetch, miss, store, offload_folder, policy,
                    progress=progress)
 
-# %% ../nbs/10_offload.ipynb #df2b6bab
+# %% ../nbs/10_offload.ipynb #2791e802
 @dataclass
 class OffloadStats:
     """What the engine did since the model was offloaded (all MoE layers together): `requests` = `hits` + `misses`;
     `prefetches` = `prefetch_hits` + `wasted` + `pending` (prefetched, not used yet); `copies` and `bytes_moved` from
-    the store to the device (misses the cache keeps or stages, and prefetches); `tokens` through the first MoE layer;
+    the store to the device (misses the cache keeps or stages, and prefetches), of which `prefetch_bytes` for
+    prefetches; `tokens` through the first MoE layer;
     the expert memory on the device (slots and staging) and in host RAM (0 when memory-mapped) or on disk."""
     requests: int; hits: int; misses: int; prefetches: int; prefetch_hits: int; wasted: int; pending: int
-    copies: int; bytes_moved: int; tokens: int
+    copies: int; bytes_moved: int; prefetch_bytes: int; tokens: int
     device_bytes: int; host_bytes: int; disk_bytes: int
     cache_size: int; num_experts: int; layers: int; miss: str; prefetch: int; device: str
 
@@ -683,14 +708,16 @@ class OffloadStats:
         return {f.name: getattr(self, f.name) for f in fields(self)} | dict(hit_rate=self.hit_rate, bytes_per_token=self.bytes_per_token)
 
     def __str__(self):
-        mib = lambda n: f'{n / 2**20:,.1f} MiB'
+        def mib(n):
+            return next((f'{n / s:,.1f} {u}' for s, u in ((2**30, 'GiB'), (2**20, 'MiB'), (2**10, 'KiB')) if n >= s), f'{n:,.0f} B')
         pf = (f'prefetch {self.prefetch} guesses/layer: {self.prefetches:,} prefetched, {self.prefetch_hits:,} used, '
               f'{self.wasted:,} wasted, {self.pending:,} pending' if self.prefetch else 'prefetch off')
         return '\n'.join([
             f'cache {self.cache_size}/{self.num_experts} slots x {self.layers} MoE layers on {self.device}, misses: {self.miss}',
             f'requests {self.requests:,}: {self.hits:,} hits, {self.misses:,} misses (hit rate {self.hit_rate:.1%})',
             pf,
-            f'moved {self.copies:,} experts, {mib(self.bytes_moved)} ({mib(self.bytes_per_token)}/token over {self.tokens:,} tokens)',
+            f'moved {self.copies:,} experts, {mib(self.bytes_moved)} ({mib(self.bytes_per_token)}/token over {self.tokens:,} tokens; '
+            f'prefetches {mib(self.prefetch_bytes)})',
             f'expert memory: device {mib(self.device_bytes)}, host RAM {mib(self.host_bytes)}, disk {mib(self.disk_bytes)}'])
 
 def offload_stats(model: nn.Module) -> OffloadStats:
@@ -701,12 +728,12 @@ def offload_stats(model: nn.Module) -> OffloadStats:
     pending = sum(len(l.cache.pending) for l in layers)
     st = eng.store
     return OffloadStats(s.requests, s.hits, s.misses, s.prefetches, s.prefetch_hits, s.wasted, pending,
-                        eng.copier.copies, eng.copier.bytes, layers[0].tokens,
+                        eng.copier.copies, eng.copier.bytes, eng.copier.bytes_by_kind.get('prefetch', 0), layers[0].tokens,
                         sum(l.device_bytes for l in layers), 0 if st.memory_mapped else st.nbytes,
                         st.nbytes if st.memory_mapped else 0, eng.cache_size, layers[0].E, len(layers), eng.miss,
                         eng.prefetch_n, str(eng.device))
 
-# %% ../nbs/10_offload.ipynb #2ccd193c
+# %% ../nbs/10_offload.ipynb #1fac1822
 SIZES = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, expert_intermediate_size=32,
              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
              max_position_embeddings=128, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,

@@ -131,7 +131,7 @@ def test_interrupted_store_build_leaves_nothing_that_opens(tmp_path, monkeypatch
 
 class SlowCopier(ThreadCopier):
     "Every background copy sleeps first: a reader that does not wait for its copy reads the slot's previous expert."
-    def _copy(self, dst, src):
+    def _copy(self, dst, src, kind):
         time.sleep(0.002)
         dst.copy_(src)
 
@@ -197,7 +197,7 @@ def test_prefetch_copies_overlap_compute():
     eng = m.moe_offload
     eng.copier.close()
     class VerySlow(ThreadCopier):
-        def _copy(self, dst, src): time.sleep(0.2); dst.copy_(src)
+        def _copy(self, dst, src, kind): time.sleep(0.2); dst.copy_(src)
     eng.copier = VerySlow()
     t0 = time.perf_counter()
     eng.layers[0].prefetch([0, 1])
@@ -387,3 +387,62 @@ def test_quantized_attention_equals_quantized_plain(arch):
 def test_top_level_names():
     import moe_explained
     assert moe_explained.load_offloaded is load_offloaded and moe_explained.offload_stats is offload_stats
+
+
+def test_background_copy_from_a_memory_mapped_store_releases_the_gil(tmp_path):
+    """The CPU copier's overlap rests on `Tensor.copy_` releasing the GIL while it copies (also while it faults in pages
+    of a memory-mapped file): the main thread's pure-Python loop must keep running while a 128 MB copy is in flight."""
+    n = 128 * 2**20
+    f = tmp_path / 'rows.bin'
+    f.write_bytes(b'\x01' * n)
+    src = torch.from_file(str(f), shared=False, size=n, dtype=torch.uint8)
+    dst = torch.empty(n, dtype=torch.uint8)
+    copier = ThreadCopier()
+    try:
+        handle, spins = copier.copy(dst, src), 0
+        while not handle.done(): spins += 1
+        handle.wait()
+    finally: copier.close()
+    assert torch.equal(dst[:: 2**20], src[:: 2**20])
+    assert spins > 1000, f'the main thread ran only {spins} loop iterations during the copy: the copy held the GIL'
+
+
+def test_a_layers_misses_are_queued_before_the_next_layers_guesses():
+    """On the one in-order copy thread, layer L's guesses for the next MoE layer start only after L's own misses are
+    queued, inside L's experts call: no miss waits behind a guess."""
+    m = offload(copy.deepcopy(plain_model('mixtral')), cache_size=2, prefetch=True, progress=False)
+    eng, log = m.moe_offload, []
+    for layer, off_layer in eng.layers.items():
+        real_load, real_forward = off_layer._load, off_layer._forward
+        def load(e, s, after=None, kind='miss', layer=layer, real=real_load):
+            log.append((layer, kind)); return real(e, s, after, kind)
+        def forward(*a, layer=layer, real=real_forward):
+            log.append((layer, 'call')); return real(*a)
+        off_layer._load, off_layer._forward = load, forward
+    m.generate(IDS[:1, :5], max_new_tokens=10, do_sample=False)
+    assert any(k == 'prefetch' for _, k in log) and any(k == 'miss' for _, k in log)
+    segments, order = [], sorted(eng.layers)
+    for layer, kind in log:
+        if kind == 'call': segments.append((layer, []))
+        else: segments[-1][1].append((layer, kind))
+    for layer, loads in segments:
+        kinds = [k for _, k in loads]
+        assert kinds == sorted(kinds, key=lambda k: k == 'prefetch'), (layer, loads)   # misses first, then guesses
+        assert all(l == layer for l, k in loads if k == 'miss')
+        assert all(order.index(l) == order.index(layer) + 1 for l, k in loads if k == 'prefetch'), (layer, loads)
+
+
+def test_one_guess_per_layer_per_decode_step():
+    """The guess applies the *next* layer's norm, whose own prefetch hook must not fire from inside it (it would guess
+    two layers ahead from the wrong hidden state): each MoE layer but the first is prefetched once per decode step."""
+    m = offload(copy.deepcopy(plain_model('mixtral')), cache_size=2, prefetch=True, progress=False)
+    calls = {layer: 0 for layer in m.moe_offload.layers}
+    for layer, off_layer in m.moe_offload.layers.items():
+        real = off_layer.cache.prefetch
+        def counted(ids, layer=layer, real=real):
+            calls[layer] += 1; return real(ids)
+        off_layer.cache.prefetch = counted
+    new = 8
+    m.generate(IDS[:1, :5], max_new_tokens=new, do_sample=False)
+    first, *rest = sorted(calls)
+    assert calls[first] == 0 and all(calls[l] == new - 1 for l in rest), calls   # the first token comes from the prefill
