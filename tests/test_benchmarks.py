@@ -16,3 +16,16 @@ def test_bench_offload_quick(tmp_path):
     assert all(c['info']['same_tokens_as_plain'].values())          # every variant decodes the plain model's tokens
     assert c['naive (no cache)']['hit_rate'] == 0 and 0 < c['ours, no prefetch, miss=copy']['hit_rate'] <= 1
     assert all(s['same_tokens_as_eager'] for s in r['overhead'].values())
+
+
+def test_bench_offload_gpu_runs_on_cpu_at_a_tiny_shape(tmp_path):
+    "The GPU script, prepared for a session with a device, runs its whole path on CPU (`--device cpu --quick`)."
+    out = tmp_path / 'gpu.json'
+    res = subprocess.run([sys.executable, 'benchmarks/bench_offload_gpu.py', '--device', 'cpu', '--quick', '--layers', '2',
+                          '--tokens', '4', '--repeats', '1', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert len(r['results']) == 8 and r['env']['h2d_bytes_per_s'] > 0
+    for v in r['results'].values():
+        assert 0 <= v['hit_rate'] <= 1 and v['bytes_per_token'] >= 0 and v['tokens_per_s'] > 0
