@@ -141,11 +141,9 @@ def constrained(plain, n, reps, tmp, cache_size=2, with_accelerate=True, prompt_
                      'naive (no cache)': dict(prefetch=False, miss='copy')}.items():
         folder = Path(tmp) / name.replace(' ', '_').replace(',', '').replace('=', '-').replace('(', '').replace(')', '')
         m = offload(copy.deepcopy(plain), cache_size=cache_size, store='disk', offload_folder=folder, progress=False, **kw)
-        before = None
-        if name.startswith('naive'):
-            def before(eng=m.moe_offload):
-                for layer in eng.layers.values(): layer.reset()
-        variants[name] = (m, before)
+        def forget(eng=m.moe_offload):                   # the naive policy: every token starts from empty slots
+            for layer in eng.layers.values(): layer.reset()
+        variants[name] = (m, forget if name.startswith('naive') else None)
     ours = variants['ours, prefetch, miss=copy'][0]
     budget = resident_bytes(ours) + offload_stats(ours).device_bytes
     info['our_resident_bytes'] = budget

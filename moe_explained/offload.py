@@ -24,7 +24,8 @@ from torch import nn
 
 from .cache import CacheStats, ExpertCache, POLICIES, Policy
 from .moe import expert_weights
-from .quant import SUPPORTED_BITS, expert_nbytes, expert_views, pack_expert, quantize_attention, read_expert
+from .quant import (SUPPORTED_BITS, expert_nbytes, expert_views, pack_expert, quantize_attention,
+                                 quantized_expert_output, read_expert)
 from .speculate import Speculator
 from .trace import find_moe_blocks
 
@@ -370,20 +371,17 @@ class OffloadedExperts:
         for e in ids:                              # misses it does not keep (a prefill using more experts than slots)
             if e not in src: src[e] = _Source('host' if host else 'staging')
         self.engine.issue_prefetch(self.layer)     # the next layer's guesses queue behind this layer's own misses
-        # 2. compute, hits first (their slots may be reused by deferred copies), then misses; sum in expert order
-        order = [e for e in ids if hits[e]] + [e for e in ids if not hits[e]]
-        outs, hits_done = {}, False
-        for e in order:
-            if not hits[e] and not hits_done:
-                hits_done = True
-                if deferred:
-                    after = self.engine.record_event()
-                    for d, s in deferred: self._load(d, s, after)
-            outs[e] = self._expert(e, self._weights(src[e], e), src[e].kind == 'host', expert_mask, hidden_states,
-                                   top_k_index, top_k_weights)
-        if not hits_done and deferred:
-            after = self.engine.record_event()
-            for d, s in deferred: self._load(d, s, after)
+        # 2. compute the hits, then start the deferred copies (into slots the hits were read from), then the misses;
+        #    the outputs are summed in expert order
+        outs = {}
+        for missed in (False, True):
+            if missed and deferred:
+                after = self.engine.record_event()
+                for d, s in deferred: self._load(d, s, after)
+            for e in ids:
+                if hits[e] != missed:
+                    outs[e] = self._expert(e, self._weights(src[e], e), src[e].kind == 'host', expert_mask, hidden_states,
+                                           top_k_index, top_k_weights)
         self.read_done = self.engine.record_event()
         return self._combine(ids, outs, hidden_states)
 
@@ -404,10 +402,7 @@ class OffloadedExperts:
                 host = next(iter(w.values())).device
                 x, weight = x.to(host), weight.to(host)
             return token_idx, run_one_expert(self.module, w, x, weight).to(dev)
-        token, pos = torch.where(top_k_index == e)   # chapter 07's quantized experts forward
-        x = hidden_states[token]
-        y = w.forward(x.to(w.buf.device) if on_host else x, self.gate_fn).to(dev)
-        return token, y.float() * top_k_weights[token, pos, None].float()
+        return quantized_expert_output(w, e, hidden_states, top_k_index, top_k_weights, self.gate_fn)   # chapter 07's
 
     def _combine(self, ids, outs, hidden_states):
         if self.mode != 'hqq':
@@ -534,11 +529,17 @@ def moe_experts(model: nn.Module, quantized: bool = False) -> list:
         out.append((layer, m))
     return out
 
-def _check_int(name, v, lo, hi=None):
+def _check_int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        raise ValueError(f"{name}={v} is out of range: need {lo} <= {name}" + (f" <= {hi}" if hi is not None else ''))
+    if v < lo: raise ValueError(f"{name}={v} is out of range: need {lo} <= {name}")
+
+def _check_cache_size(mods, cache_size):
+    "Refuse a cache larger than the experts of the smallest MoE layer of `mods` (`moe_experts`'s list)."
+    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in mods)
+    if cache_size > E:
+        raise ValueError(f"cache_size={cache_size} is out of range: need 1 <= cache_size <= {E}, the experts per layer "
+                         f"(with {E} slots every expert is on the device; nothing is offloaded)")
 
 def resolve_device(device=None) -> torch.device:
     "`device` as a torch.device: 'auto'/None picks CUDA when available, else CPU; CUDA where there is none is refused."
@@ -576,18 +577,17 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, policy)
     device = resolve_device(device)
     mods = moe_experts(model, quantized=experts_bits is not None)
-    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in mods)
-    if cache_size > E:
-        raise ValueError(f"cache_size={cache_size} is out of range: need 1 <= cache_size <= {E}, the experts per layer "
-                         f"(with {E} slots every expert is on the device; nothing is offloaded)")
+    _check_cache_size(mods, cache_size)
     if store == 'disk':
         folder = Path(offload_folder) if offload_folder is not None else None
         if folder is None: raise ValueError("store='disk' needs offload_folder=, the folder to memory-map the experts from")
         if experts_bits is None: need = sum(p.numel() * p.element_size() for _, m in mods for p in expert_params(m).values())
         else:
-            need = sum(expert_weights(m)[0].shape[0] * expert_nbytes(
-                {'w_in': tuple(expert_weights(m)[0].shape[1:]), 'w_out': tuple(expert_weights(m)[1].shape[1:])},
-                bits=experts_bits, group_size=group_size) for _, m in mods)
+            need = 0
+            for _, m in mods:
+                w_in, w_out, _ = expert_weights(m)
+                need += w_in.shape[0] * expert_nbytes({'w_in': tuple(w_in.shape[1:]), 'w_out': tuple(w_out.shape[1:])},
+                                                      bits=experts_bits, group_size=group_size)
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if need > free:
@@ -680,9 +680,7 @@ def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, at
     try:
         with torch.device('meta'): skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as e: raise ValueError(f"{path}: transformers has no causal LM for this config ({e})") from None
-    mods = moe_experts(skeleton, quantized=experts_bits is not None)
-    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in mods)
-    if cache_size > E: raise ValueError(f"cache_size={cache_size} is out of range: need 1 <= cache_size <= {E}, the experts per layer")
+    _check_cache_size(moe_experts(skeleton, quantized=experts_bits is not None), cache_size)
     del skeleton
     check_safetensors(path)
     model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {'dtype': dtype}))

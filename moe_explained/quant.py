@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/hqq.html.md"""
 __all__ = ['SUPPORTED_BITS', 'MAGIC', 'LAYOUT_VERSION', 'ALIGN', 'QUANT_IMPL', 'group_view', 'QTensor', 'quantize_rtn',
            'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'bits_per_weight', 'expert_layout',
            'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'expert_views', 'experts_modules',
-           'quantize_experts', 'quantize_attention']
+           'quantized_expert_output', 'quantize_experts', 'quantize_attention']
 
 # %% ../nbs/07_hqq.ipynb #b6c713f6
 import json, math, struct, zlib
@@ -273,14 +273,21 @@ def experts_modules(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, 'has_gate') and hasattr(m, 'is_transposed')
             and (hasattr(m, 'down_proj') or hasattr(m, 'moe_qbuf'))]
 
+def quantized_expert_output(buf: ExpertBuffer, e: int, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                            gate_fn) -> tuple:
+    """`(token, rows)`: expert `e`'s fp32 output, weighted by its routing weights, on the tokens that chose it, run from
+    its packed buffer where the buffer lives (the tokens go there and the result comes back)."""
+    token, slot = torch.where(top_k_index == e)
+    y = buf.forward(hidden_states[token].to(buf.buf.device), gate_fn).to(hidden_states.device)
+    return token, y.float() * top_k_weights[token, slot, None].float()
+
 def _quantized_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     "Experts forward from packed buffers: each expert the batch uses is dequantized from its row of `moe_qbuf` and run on its tokens."
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     gate_fn = self._apply_gate if self.has_gate else self.act_fn
     for e in torch.unique(top_k_index).tolist():
-        token, slot = torch.where(top_k_index == e)
-        y = read_expert(self.moe_qbuf[e], verify=False).forward(hidden_states[token], gate_fn)
-        out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
+        out.index_add_(0, *quantized_expert_output(read_expert(self.moe_qbuf[e], verify=False), e, hidden_states,
+                                                   top_k_index, top_k_weights, gate_fn))
     return out.to(hidden_states.dtype)
 
 def quantize_experts(model: nn.Module, bits: int = 2, group_size: int = 16, axis: int = 1, meta_bits=8,
