@@ -4,8 +4,12 @@ __version__ = "0.0.1"
 #   model, tokenizer = moe_explained.tiny_mixtral()      (chapter 05 trains it; moe_explained/pretrained.py loads it)
 #   model = moe_explained.load_offloaded("mistralai/Mixtral-8x7B-Instruct-v0.1", cache_size=4, experts_bits=2)
 #   print(moe_explained.offload_stats(model))            (chapter 10; moe_explained/offload.py)
+#   print(moe_explained.plan_memory("mistralai/Mixtral-8x7B-Instruct-v0.1"))   (chapter 11; moe_explained/plan.py)
+#   from moe_explained.convert import convert; convert(repo, "mixtral-2bit")   (chapter 11; moe_explained/convert.py)
+#   model = moe_explained.load_converted("mixtral-2bit")
 _LAZY = {"tiny_mixtral": "pretrained", "TINY_MIXTRAL_PATH": "pretrained",
-         "load_offloaded": "offload", "offload_stats": "offload"}
+         "load_offloaded": "offload", "offload_stats": "offload", "plan_memory": "plan",
+         "load_converted": "convert", "save_offloaded": "convert"}
 
 
 def __getattr__(name):

@@ -6,10 +6,11 @@ Docs: https://moe-explained.github.io/moe_explained/offload.html.md"""
 
 # %% auto #0
 __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DATA', 'DONE', 'OFFLOAD_IMPL', 'MISS_MODES',
-           'HUB_FILES', 'SIZES', 'expert_params', 'dense_format', 'row_views', 'ExpertStore', 'ThreadCopier',
-           'CudaCopier', 'standard_eager', 'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'top_k',
-           'moe_experts', 'resolve_device', 'offload', 'resolve_model', 'check_safetensors', 'load_offloaded',
-           'OffloadStats', 'offload_stats', 'moe_families', 'tiny_moe_config', 'check_family']
+           'HUB_FILES', 'SIZES', 'expert_params', 'dense_format', 'row_views', 'ExpertStore', 'expert_rows',
+           'write_rows', 'write_store_index', 'drop_experts', 'ThreadCopier', 'CudaCopier', 'standard_eager',
+           'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'top_k', 'moe_experts', 'resolve_device', 'offload',
+           'attach', 'resolve_model', 'check_safetensors', 'check_safetensors_file', 'load_offloaded', 'OffloadStats',
+           'offload_stats', 'moe_families', 'tiny_moe_config', 'FamilySkipped', 'tiny_family_model', 'check_family']
 
 # %% ../nbs/10_offload.ipynb #b4875e43
 import copy, inspect, json, math, os, re, shutil, warnings, zlib
@@ -71,16 +72,29 @@ class ExpertStore:
     memory-mapped from `path` (`experts.bin`, read on demand: host RAM may be smaller than the store)."""
     def __init__(self, rows: dict, formats: dict, path=None):
         self.rows, self.formats, self.path = rows, formats, None if path is None else Path(path)
+        self.resident = set(rows) if path is None else set()     # layers whose rows are in host RAM, not mapped
 
     layers = property(lambda self: sorted(self.rows), doc="The MoE layers' decoder-layer indices.")
     def num_experts(self, layer: int) -> int: return self.rows[layer].shape[0]
     def row_nbytes(self, layer: int) -> int: return self.rows[layer].shape[1]
     nbytes = property(lambda self: sum(r.numel() for r in self.rows.values()), doc="Bytes of all experts' rows.")
-    memory_mapped = property(lambda self: self.path is not None)
+    memory_mapped = property(lambda self: self.path is not None and len(self.resident) < len(self.rows))
+    host_nbytes = property(lambda self: sum(self.rows[l].numel() for l in self.resident), doc="Bytes held in host RAM.")
+    disk_nbytes = property(lambda self: self.nbytes - self.host_nbytes, doc="Bytes memory-mapped from disk.")
     def views(self, layer: int, e: int): return row_views(self.formats[layer], self.rows[layer][e])
 
+    def load_layers(self, layers, pin: bool = False) -> 'ExpertStore':
+        """Read the rows of `layers` of a memory-mapped store into host RAM (pinned with `pin`), so their copies no
+        longer touch the disk: the split tier, when host RAM holds part of the store but not all of it."""
+        for l in layers:
+            if l not in self.resident:
+                r = torch.empty(self.rows[l].shape, dtype=torch.uint8, pin_memory=pin)
+                self.rows[l] = r.copy_(self.rows[l]); self.resident.add(l)
+        return self
+
     def __repr__(self):
-        where = f'memory-mapped from {self.path / STORE_DATA}' if self.memory_mapped else 'in host memory'
+        where = ('in host memory' if not self.memory_mapped else f'memory-mapped from {self.path / STORE_DATA}' if not self.resident
+                 else f'{len(self.resident)} layers in host memory, the rest memory-mapped from {self.path / STORE_DATA}')
         kinds = sorted({f['kind'] for f in self.formats.values()})
         return (f'ExpertStore({len(self.rows)} layers x {self.num_experts(self.layers[0])} experts, '
                 f'{"/".join(kinds)}, {self.nbytes / 2**20:,.1f} MiB {where})')
@@ -122,52 +136,73 @@ class ExpertStore:
         from tqdm.auto import tqdm
         blocks = [(layer, block.experts) for layer, _, block, _ in find_moe_blocks(model)]
         path = None if path is None else Path(path)
-        rows, formats, index, offset, out = {}, {}, {}, 0, None
+        rows, formats, index, out = {}, {}, {}, None
         if path is not None:
             path.mkdir(parents=True, exist_ok=True)
             (path / STORE_INDEX).unlink(missing_ok=True)
             out = open(path / (STORE_DATA + '.partial'), 'wb')
         try:
             for layer, m in tqdm(blocks, desc='building the expert store', disable=not progress):
-                params = expert_params(m)
-                E = next(iter(params.values())).shape[0]
-                if bits is None:                          # every per-expert parameter, in the module's own layout
-                    fmt = dense_format({n: (tuple(p.shape[1:]), p.dtype) for n, p in params.items()})
-                    def make(e, buf):
-                        for n, v in row_views(fmt, buf).items(): v.copy_(params[n][e])
-                else:
-                    w_in, w_out, _ = expert_weights(m)
-                    first = pack_expert(dict(w_in=w_in[0], w_out=w_out[0]), bits, group_size, meta_bits=meta_bits)
-                    eb = read_expert(first)
-                    fmt = dict(kind='hqq', header=eb.header, start=eb.start, nbytes=first.numel())
-                    def make(e, buf):
-                        q = first if e == 0 else pack_expert(dict(w_in=w_in[e], w_out=w_out[e]), bits, group_size, meta_bits=meta_bits)
-                        buf.copy_(q)
-                n = fmt['nbytes']
+                fmt, E, fill = expert_rows(m, bits, group_size, meta_bits)
                 if out is None:
-                    r = torch.zeros(E, n, dtype=torch.uint8, pin_memory=pin)
-                    for e in range(E): make(e, r[e])
+                    r = torch.zeros(E, fmt['nbytes'], dtype=torch.uint8, pin_memory=pin)
+                    for e in range(E): fill(e, r[e])
                     rows[layer] = r
-                else:
-                    buf, crcs = torch.zeros(n, dtype=torch.uint8), []
-                    for e in range(E):
-                        buf.zero_(); make(e, buf)
-                        crcs.append(zlib.crc32(buf.numpy())); out.write(buf.numpy().tobytes())
-                    pad = _up(offset + E * n, BLOCK_ALIGN) - (offset + E * n)
-                    out.write(b'\0' * pad)
-                    index[str(layer)] = dict(offset=offset, num_experts=E, nbytes=n, format=fmt, crc32=crcs)
-                    offset += E * n + pad
+                else: index[str(layer)] = write_rows(out, fmt, E, fill)
                 formats[layer] = fmt
-                for p in params: m._parameters.pop(p)
-                if bits is not None: m.is_transposed = False   # the packed buffers hold [out, in] weights
+                drop_experts(m, bits is not None)
             if out is None: return cls(rows, formats)
             out.close()
             os.replace(path / (STORE_DATA + '.partial'), path / STORE_DATA)
-            (path / STORE_INDEX).write_text(json.dumps(dict(version=STORE_VERSION, total_bytes=offset, layers=index)))
+            write_store_index(path, index)
             return cls.open(path)
         finally:
             if out is not None and not out.closed:
                 out.close(); (path / (STORE_DATA + '.partial')).unlink(missing_ok=True)
+
+@torch.no_grad()
+def expert_rows(m: nn.Module, bits=None, group_size: int = 16, meta_bits=8) -> tuple:
+    """`(format, E, fill)` for one experts module: the layout of its experts' rows in a store (dense, every per-expert
+    parameter in the module's own layout; or chapter 07's packed HQQ buffer at `bits`), its number of experts, and
+    `fill(e, buf)`, which writes expert `e`'s row into the zeroed uint8 tensor `buf`."""
+    params = expert_params(m)
+    E = next(iter(params.values())).shape[0]
+    if bits is None:
+        fmt = dense_format({n: (tuple(p.shape[1:]), p.dtype) for n, p in params.items()})
+        def fill(e, buf):
+            for n, v in row_views(fmt, buf).items(): v.copy_(params[n][e])
+        return fmt, E, fill
+    w_in, w_out, _ = expert_weights(m)
+    first = pack_expert(dict(w_in=w_in[0], w_out=w_out[0]), bits, group_size, meta_bits=meta_bits)
+    eb = read_expert(first)
+    fmt = dict(kind='hqq', header=eb.header, start=eb.start, nbytes=first.numel())
+    def fill(e, buf):
+        buf.copy_(first if e == 0 else pack_expert(dict(w_in=w_in[e], w_out=w_out[e]), bits, group_size, meta_bits=meta_bits))
+    return fmt, E, fill
+
+def write_rows(out, fmt: dict, E: int, fill) -> dict:
+    """Append one layer's `E` rows to the open file `out` (each filled by `fill`, then padded to a 4 KiB boundary) and
+    return the layer's index entry: its offset, size, format and a CRC-32 per row."""
+    offset, n = out.tell(), fmt['nbytes']
+    buf, crcs = torch.zeros(n, dtype=torch.uint8), []
+    for e in range(E):
+        buf.zero_(); fill(e, buf)
+        crcs.append(zlib.crc32(buf.numpy())); out.write(buf.numpy().tobytes())
+    out.write(b'\0' * (_up(offset + E * n, BLOCK_ALIGN) - (offset + E * n)))
+    return dict(offset=offset, num_experts=E, nbytes=n, format=fmt, crc32=crcs)
+
+def write_store_index(path, index: dict):
+    "Write a store's index (`experts.json`), the last step of writing a store: only then does it open."
+    size = (Path(path) / STORE_DATA).stat().st_size
+    tmp = Path(path) / (STORE_INDEX + '.partial')
+    tmp.write_text(json.dumps(dict(version=STORE_VERSION, total_bytes=size, layers=index)))
+    os.replace(tmp, Path(path) / STORE_INDEX)
+
+def drop_experts(m: nn.Module, quantized: bool):
+    "Drop an experts module's per-expert parameters (they live in a store now); packed rows hold `[out, in]` weights."
+    for p in list(expert_params(m)): m._parameters.pop(p)
+    if quantized: m.is_transposed = False
+
 
 # %% ../nbs/10_offload.ipynb #b4999e6d
 class _Done:
@@ -280,7 +315,7 @@ class _Source:
 class OffloadedExperts:
     """One MoE layer's experts under offloading: `capacity` device slots, preallocated (a load is a copy into a slot,
     never an allocation), filled by chapter 08's `ExpertCache` (its policy decides what stays; its counters count),
-    plus one staging buffer for experts a prefill uses but the cache does not keep. The store keeps the master copy:
+    plus a staging buffer (the engine's, shared by all layers) for experts a prefill uses but the cache does not keep. The store keeps the master copy:
     nothing is written back. `__call__` is the experts forward (transformers' interface)."""
     def __init__(self, engine, layer: int, module: nn.Module, capacity: int):
         self.engine, self.layer, self.capacity = engine, layer, capacity
@@ -289,7 +324,7 @@ class OffloadedExperts:
         self.rows = store.rows[layer]
         dev = engine.device
         self.slots = torch.empty(capacity, self.nbytes, dtype=torch.uint8, device=dev)
-        self.staging = torch.empty(self.nbytes, dtype=torch.uint8, device=dev)
+        self.staging = engine.staging_buffer(self.nbytes)
         self.slot_views = [row_views(self.fmt, self.slots[s]) for s in range(capacity)]
         self.staging_view = row_views(self.fmt, self.staging)
         self.host_views = [store.views(layer, e) for e in range(self.E)]
@@ -311,7 +346,7 @@ class OffloadedExperts:
         self.slot_of, self.free, self.ready, self.read_done = {}, [(s, None) for s in range(self.capacity)], [DONE] * self.capacity, None
 
     stats = property(lambda self: self.past + self.cache.stats, doc="This layer's `CacheStats` so far.")
-    device_bytes = property(lambda self: self.slots.numel() + self.staging.numel())
+    device_bytes = property(lambda self: self.slots.numel(), doc="Bytes of this layer's slots on the device.")
 
     def _assign(self, busy=frozenset()) -> list:
         """Follow the cache: free the slots of experts it dropped, give one to each expert it added, preferring slots
@@ -435,7 +470,7 @@ class OffloadEngine:
         self.store, self.device, self.policy, self.miss = store, torch.device(device), policy, miss
         cuda = self.device.type == 'cuda'
         self.copier = CudaCopier(self.device, max(store.row_nbytes(l) for l in store.layers)) if cuda else ThreadCopier()
-        self.layers, self.hooks = {}, []
+        self.layers, self.hooks, self.staging = {}, [], {}
         for layer, _, block, _ in find_moe_blocks(model):
             self.layers[layer] = OffloadedExperts(self, layer, block.experts, cache_size)
             if miss == 'host' and cuda and self.layers[layer].mode == 'generic':
@@ -454,6 +489,12 @@ class OffloadEngine:
                 k = min(top_k(model) if prefetch is True else prefetch, self.cache_size)
                 self.prefetch_n = k
                 self.hooks.append(norm.register_forward_pre_hook(partial(self._prefetch_hook, layer, t, k)))
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """The device buffer a layer stages an uncached expert of `nbytes` in: one per row size, shared by all layers —
+        staging copies and their reads run in order on the compute stream, and the layers run one after another."""
+        if nbytes not in self.staging: self.staging[nbytes] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self.staging[nbytes]
 
     def record_event(self):
         "An event on the compute stream (CUDA) marking the reads so far; None on CPU, where compute is synchronous."
@@ -593,14 +634,21 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
         if need > free:
             raise ValueError(f"the experts need {need / 2**30:.2f} GiB in {folder}, which has {free / 2**30:.2f} GiB free")
     elif offload_folder is not None: raise ValueError("offload_folder= is for store='disk'")
-    if attn_bits is not None: quantize_attention(model, attn_bits)   # checks every shape before replacing anything
+    if attn_bits is not None:   # checks every shape before replacing anything; HQQLinear stays where it is made
+        quantize_attention(model, attn_bits, compute_dtype=model.dtype, device=device)
     pin = device.type == 'cuda' and store == 'memory'
     experts_store = ExpertStore.build(model, bits=experts_bits, group_size=group_size, path=offload_folder if store == 'disk' else None,
                                       pin=pin, progress=progress)
+    return attach(model, experts_store, cache_size, device, prefetch, miss, policy)
+
+def attach(model: nn.Module, store: ExpertStore, cache_size: int, device, prefetch=True, miss: str = 'copy', policy='LRU') -> nn.Module:
+    """The last step of offloading: a model whose experts modules have no weights (they are in `store`) moves to
+    `device`, gets an `OffloadEngine` with `cache_size` slots per MoE layer, and switches to the engine's experts
+    implementation."""
     model.to(device)
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     ALL_EXPERTS_FUNCTIONS.register(OFFLOAD_IMPL, _offloaded_experts_forward)
-    model.moe_offload = OffloadEngine(model, experts_store, cache_size, device, policy=policy, prefetch=prefetch, miss=miss)
+    model.moe_offload = OffloadEngine(model, store, cache_size, device, policy=policy, prefetch=prefetch, miss=miss)
     model.set_experts_implementation(OFFLOAD_IMPL)
     return model.eval()
 
@@ -650,19 +698,23 @@ def check_safetensors(folder) -> list:
         except (json.JSONDecodeError, KeyError, AttributeError): raise ValueError(f"corrupted shard index {index}") from None
         missing = sorted(n for n in names if not (folder / n).exists())
         if missing: raise ValueError(f"{index.name} names shards that are missing from {folder}: {missing}")
-    for f in files:
-        size = f.stat().st_size
-        with open(f, 'rb') as fh:
-            head = fh.read(8)
-            if len(head) < 8: raise ValueError(f"truncated safetensors file {f}: {size} bytes")
-            n = int.from_bytes(head, 'little')
-            if n > size - 8: raise ValueError(f"corrupted or truncated safetensors file {f}: its header claims {n:,} bytes, the file has {size:,}")
-            try: header = json.loads(fh.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError): raise ValueError(f"corrupted safetensors file {f}: its header is not valid JSON") from None
-        end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
-        if size < 8 + n + end:
-            raise ValueError(f"truncated safetensors file {f}: {size:,} bytes, its tensors need {8 + n + end:,}")
+    for f in files: check_safetensors_file(f)
     return files
+
+def check_safetensors_file(f) -> None:
+    "One safetensors file's check (see `check_safetensors`): its header parses and its length covers every tensor it lists."
+    f = Path(f)
+    size = f.stat().st_size
+    with open(f, 'rb') as fh:
+        head = fh.read(8)
+        if len(head) < 8: raise ValueError(f"truncated safetensors file {f}: {size} bytes")
+        n = int.from_bytes(head, 'little')
+        if n > size - 8: raise ValueError(f"corrupted or truncated safetensors file {f}: its header claims {n:,} bytes, the file has {size:,}")
+        try: header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError): raise ValueError(f"corrupted safetensors file {f}: its header is not valid JSON") from None
+    end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+    if size < 8 + n + end:
+        raise ValueError(f"truncated safetensors file {f}: {size:,} bytes, its tensors need {8 + n + end:,}")
 
 def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, attn_bits=None, device=None,
                    prefetch=True, miss: str = 'copy', store: str = 'memory', offload_folder=None, policy='LRU',
@@ -727,8 +779,7 @@ def offload_stats(model: nn.Module) -> OffloadStats:
     st = eng.store
     return OffloadStats(s.requests, s.hits, s.misses, s.prefetches, s.prefetch_hits, s.wasted, pending,
                         eng.copier.copies, eng.copier.bytes, eng.copier.bytes_by_kind.get('prefetch', 0), layers[0].tokens,
-                        sum(l.device_bytes for l in layers), 0 if st.memory_mapped else st.nbytes,
-                        st.nbytes if st.memory_mapped else 0, eng.cache_size, layers[0].E, len(layers), eng.miss,
+                        sum(l.device_bytes for l in layers) + sum(b.numel() for b in eng.staging.values()), st.host_nbytes, st.disk_nbytes, eng.cache_size, layers[0].E, len(layers), eng.miss,
                         eng.prefetch_n, str(eng.device))
 
 # %% ../nbs/10_offload.ipynb #1fac1822
@@ -765,14 +816,20 @@ def tiny_moe_config(config_class, **overrides):
     kw['num_hidden_layers'] = n
     return config_class(**(kw | overrides))
 
-def check_family(family: str, cache_size: int = 2) -> tuple:
-    "`(status, detail)` of one family: 'passed' (offloaded logits == plain logits), 'failing', 'not built' or 'not applicable'."
-    import importlib, time
-    start = time.perf_counter()
+class FamilySkipped(Exception):
+    "A family the sweep cannot check: `status` is 'not applicable' or 'not built', `detail` says why."
+    def __init__(self, status, detail): super().__init__(detail); self.status, self.detail = status, detail
+
+def tiny_family_model(family: str) -> tuple:
+    """`(model, ids)`: a tiny random causal LM of a transformers model family (weights drawn from N(0, 0.05), eager
+    experts) and a 2x9 batch of token ids, after checking its experts can be offloaded and its plain forward runs.
+    Raises `FamilySkipped` ('not applicable': no causal LM, or experts the engine cannot serve; 'not built': the tiny
+    config does not give a working model)."""
+    import importlib
     try:
         mod = importlib.import_module(f'transformers.models.{family}.modeling_{family}')
         lms = [c for n, c in vars(mod).items() if isinstance(c, type) and n.endswith('ForCausalLM') and c.__module__ == mod.__name__]
-        if not lms: return 'not applicable', 'no *ForCausalLM class (not a causal LM)'
+        if not lms: raise FamilySkipped('not applicable', 'no *ForCausalLM class (not a causal LM)')
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             torch.manual_seed(0)
@@ -780,14 +837,24 @@ def check_family(family: str, cache_size: int = 2) -> tuple:
         with torch.no_grad():
             for p in plain.parameters():
                 if p.dim() >= 1: p.normal_(0, 0.05)
-    except Exception as e: return 'not built', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}'
+    except FamilySkipped: raise
+    except Exception as e: raise FamilySkipped('not built', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}') from None
     try: moe_experts(plain)
-    except ValueError as e: return 'not applicable', str(e)[:110]
+    except ValueError as e: raise FamilySkipped('not applicable', str(e)[:110]) from None
     ids = torch.randint(0, plain.config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     try:
         plain.set_experts_implementation('eager')
-        with torch.no_grad(): ref = plain(ids).logits
-    except Exception as e: return 'not built', f'the plain tiny model fails: {type(e).__name__}: {str(e).splitlines()[0][:90]}'
+        with torch.no_grad(): plain(ids)
+    except Exception as e: raise FamilySkipped('not built', f'the plain tiny model fails: {type(e).__name__}: {str(e).splitlines()[0][:90]}') from None
+    return plain, ids
+
+def check_family(family: str, cache_size: int = 2) -> tuple:
+    "`(status, detail)` of one family: 'passed' (offloaded logits == plain logits), 'failing', 'not built' or 'not applicable'."
+    import time
+    start = time.perf_counter()
+    try: plain, ids = tiny_family_model(family)
+    except FamilySkipped as e: return e.status, e.detail
+    with torch.no_grad(): ref = plain(ids).logits
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -799,3 +866,4 @@ def check_family(family: str, cache_size: int = 2) -> tuple:
               f'layers MoE, prefetch {"on" if eng.prefetch_n else "off"}, {time.perf_counter() - start:.1f} s')
     if torch.equal(out, ref): return 'passed', detail
     return 'failing', f'logits differ by up to {(out - ref).abs().max().item():.3g} ({detail})'
+

@@ -314,8 +314,10 @@ def quantize_experts(model: nn.Module, bits: int = 2, group_size: int = 16, axis
     model.set_experts_implementation(QUANT_IMPL)
     return model
 
-def quantize_attention(model: nn.Module, bits: int = 4, group_size: int = 64, compute_dtype=torch.float32) -> nn.Module:
-    "Replace, in place, every `nn.Linear` inside an attention module (`*.self_attn.*`) by the `hqq` library's `HQQLinear` (HQQ, no meta-quantization)."
+def quantize_attention(model: nn.Module, bits: int = 4, group_size: int = 64, compute_dtype=torch.float32, device=None) -> nn.Module:
+    """Replace, in place, every `nn.Linear` inside an attention module (`*.self_attn.*`) by the `hqq` library's `HQQLinear`
+    (HQQ, no meta-quantization), quantized and kept on `device` (default: where the weight is). `HQQLinear` ignores
+    `.to()`, so the device is chosen here, and `compute_dtype` must be the dtype the model runs in."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']
     if not targets: raise ValueError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module to quantize")
@@ -324,5 +326,5 @@ def quantize_attention(model: nn.Module, bits: int = 4, group_size: int = 64, co
     for n, lin in targets:
         parent, child = n.rsplit('.', 1)
         setattr(model.get_submodule(parent), child,
-                HQQLinear(lin, cfg, compute_dtype=compute_dtype, device=str(lin.weight.device), del_orig=True))
+                HQQLinear(lin, cfg, compute_dtype=compute_dtype, device=str(device or lin.weight.device), del_orig=True))
     return model

@@ -34,3 +34,12 @@ def test_prefetch_off_with_a_warning_where_speculation_does_not_apply():
     ids = torch.randint(0, 128, (1, 6))
     assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), plain.generate(ids, max_new_tokens=6, do_sample=False))
     assert offload_stats(m).prefetch == 0
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_family_converts_and_round_trips(family, tmp_path):
+    "Chapter 11, section 8: streamed conversion == transformers' from_pretrained; save_offloaded -> load_converted == itself."
+    from moe_explained.convert import check_conversion
+    status, detail = check_conversion(family, tmp_path)
+    assert status in ('passed', 'not built', 'not applicable'), f'{family}: {status}: {detail}'
+    if family in MUST_PASS: assert status == 'passed', f'{family}: {status}: {detail}'

@@ -1,0 +1,74 @@
+"""Chapter 11, part 1: the memory plan, checked against chapter 00's independent parameter count and against the bytes
+the engine really allocates."""
+import copy
+
+import pytest
+import torch
+
+from moe_explained.dense import count_params
+from moe_explained.plan import GiB, model_sizes, parse_bytes, plan_memory
+
+
+def test_sizes_match_chapter_00_counts():
+    for name in ('mixtral-8x7b', 'qwen3-30b-a3b'):
+        s, ref = model_sizes(name), count_params(name).breakdown()
+        assert s.expert_params * s.experts * len(s.moe_layers) == ref['experts']
+        assert s.attention == ref['attention']
+        assert s.embeddings == ref['embeddings'] + ref['lm_head']
+
+
+def test_mixtral_on_a_t4():
+    p = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='12.7GB', disk_memory='80GB')
+    assert p.fits and p.experts_bits == 2 and p.attn_bits == 4
+    assert p.expert_nbytes == 66_749_312                        # chapter 07's packed 2-bit Mixtral expert
+    assert p.total('device') <= parse_bytes('T4') < p.total('device') + p.expert_nbytes * 32   # the largest cache that fits
+    assert p.store == 'split' and 0 < p.resident_layers < 32
+    assert p.total('host') <= parse_bytes('12.7GB')
+    assert 'expert store (experts.bin)' in str(p) and 'DOES NOT FIT' not in str(p)
+
+
+def test_plan_bytes_are_what_the_engine_allocates(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from hqq.core.quantize import HQQLinear
+    from moe_explained.offload import offload, offload_stats
+    cfg = MixtralConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=32, vocab_size=256, num_local_experts=6, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).eval()
+    p = plan_memory(cfg, device_memory=10**9, host_memory=10**9, disk_memory=10**10, experts_bits=4, attn_bits=4,
+                    cache_size=3, dtype_bytes=4, device_reserve=0, host_reserve=0, shard_bytes=0)
+    m = offload(copy.deepcopy(model), cache_size=3, experts_bits=4, attn_bits=4, progress=False)
+    st = offload_stats(m)
+    slots = sum(v for k, v in p.device.items() if k.startswith(('expert slots', 'staging')))
+    assert slots == st.device_bytes
+    assert p.expert_nbytes * 6 * 3 == m.moe_offload.store.nbytes
+    attn = sum(t.numel() * t.element_size() for mod in m.modules() if isinstance(mod, HQQLinear)
+               for t in (mod.W_q, mod.meta['scale'], mod.meta['zero']))
+    assert attn == next(v for k, v in p.device.items() if k.startswith('attention'))
+
+
+def test_refusals_name_what_to_change():
+    with pytest.raises(ValueError, match='no memory plan fits the device.*fewer max_tokens'):
+        plan_memory('mixtral-8x7b', device_memory='4GB', host_memory='12.7GB', disk_memory='80GB')
+    with pytest.raises(ValueError, match='of disk'):
+        plan_memory('mixtral-8x7b', device_memory='T4', host_memory='12.7GB', disk_memory='10GB')
+    with pytest.raises(ValueError, match='cache_size=9 is out of range'):
+        plan_memory('mixtral-8x7b', device_memory='80GB', cache_size=9)
+    with pytest.raises(ValueError, match='experts_bits=5'):
+        plan_memory('mixtral-8x7b', device_memory='80GB', experts_bits=5)
+    for bad in ('16 gigs', -1, True, [16]):
+        with pytest.raises(ValueError): parse_bytes(bad)
+    with pytest.raises(ValueError, match='not a Mixture-of-Experts'):
+        plan_memory(_dense_config(), device_memory='T4')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='no CUDA device here'): plan_memory('mixtral-8x7b')
+
+
+def _dense_config():
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+
+
+def test_units_parse():
+    assert parse_bytes('16GB') == 16 * 10**9 and parse_bytes('12.5GiB') == int(12.5 * GiB) and parse_bytes(1024) == 1024
+    assert parse_bytes('T4') == int(14.7 * GiB)
