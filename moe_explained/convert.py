@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/real_models.html.md"""
 __all__ = ['FORMAT_VERSION', 'MANIFEST', 'WORK', 'SOURCE_FILES', 'unit_of', 'Source', 'load_unit', 'convert', 'params_on_meta',
            'read_manifest', 'load_converted', 'save_offloaded', 'upload', 'realign', 'check_conversion']
 
-# %% ../nbs/11_real_models.ipynb #f2911d0c
+# %% ../nbs/11_real_models.ipynb #ae10ce5a
 import contextlib, copy, json, os, re, shutil, warnings, zlib
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .offload import (STORE_DATA, STORE_INDEX, ExpertStore, _check_cache_size, _
 from .plan import _config, meta_model
 from .quant import SUPPORTED_BITS, quantize_attention
 
-# %% ../nbs/11_real_models.ipynb #d90e0156
+# %% ../nbs/11_real_models.ipynb #47a5b94f
 FORMAT_VERSION = 1
 MANIFEST, WORK = 'moe_offload.json', '.convert'
 SOURCE_FILES = ['*.json', 'tokenizer*', '*.model', '*.tiktoken', '*.txt', '*.jinja']   # everything but the weights
@@ -90,7 +90,7 @@ class Source:
         "Delete a downloaded shard once every unit that needs it is converted (a local folder's files are never touched)."
         if self.folder is None: (self.work / 'shards' / shard).unlink(missing_ok=True)
 
-# %% ../nbs/11_real_models.ipynb #d0f79579
+# %% ../nbs/11_real_models.ipynb #a93107ba
 @contextlib.contextmanager
 def _quiet_loading():
     "transformers' own 'Loading weights' bar and its logging, off while we load unit by unit."
@@ -150,7 +150,7 @@ def _options(experts_bits, attn_bits, group_size, meta_bits, dtype) -> dict:
     return dict(experts_bits=experts_bits, group_size=group_size, meta_bits=meta_bits, attn_bits=attn_bits, attn_group_size=64,
                 dtype=str(dtype).removeprefix('torch.'))
 
-# %% ../nbs/11_real_models.ipynb #f1e4e1c8
+# %% ../nbs/11_real_models.ipynb #72e79bb2
 def _check_bits(name, b):
     if b is not None and (isinstance(b, bool) or b not in SUPPORTED_BITS):
         raise ValueError(f"{name}={b!r} is not supported; choose one of {SUPPORTED_BITS}, or None to keep the weights as they are")
@@ -191,15 +191,23 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     from transformers import AutoConfig
     try: config = AutoConfig.from_pretrained(src.config_dir)
     except (ValueError, OSError, KeyError) as e: raise ValueError(f"cannot read the config of {name_or_path}: {e}") from None
+    q = getattr(config, 'quantization_config', None)
+    if q:
+        method = q.get('quant_method', '?') if isinstance(q, dict) else getattr(q, 'quant_method', '?')
+        raise ValueError(f"{name_or_path} is a pre-quantized checkpoint ({method}); convert reads 16- or 32-bit weights: "
+                         f"use the model's unquantized repository")
     dtype = dtype or getattr(config, 'dtype', None) or torch.float32
     if isinstance(dtype, str): dtype = getattr(torch, dtype)
     model = meta_model(config, dtype=dtype)
     mods = dict(moe_experts(model, quantized=experts_bits is not None))   # refuses a non-MoE model before writing anything
     if attn_bits is not None: _check_attention(model, attn_bits)
-    if overwrite and out.exists(): shutil.rmtree(out)
+    if overwrite and out.exists():
+        if src.folder is not None and out.resolve() in src.folder.resolve().parents:
+            raise ValueError(f"overwrite=True would delete {out}, which holds the source {src.folder}: convert into another folder")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     options = _options(experts_bits, attn_bits, group_size, meta_bits, dtype)
-    source = dict(path=str(src.folder) if src.folder else None, repo=src.repo, revision=revision)
+    source = dict(path=str(src.folder.resolve()) if src.folder else None, repo=src.repo, revision=revision)
     journal_file = work / 'journal.json'
     journal = json.loads(journal_file.read_text()) if journal_file.exists() else None
     if journal is not None and (journal['options'] != options or journal['source'] != source):
@@ -214,6 +222,9 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     from tqdm.auto import tqdm
     store_path = out / STORE_DATA
     with open(store_path, 'ab'): pass
+    if store_path.stat().st_size < journal['store_bytes']:
+        raise ValueError(f"{store_path} is shorter than the interrupted conversion's journal says: the folder was damaged; "
+                         f"start over with overwrite=True")
     with open(store_path, 'r+b') as store_file:
         store_file.truncate(journal['store_bytes']); store_file.seek(journal['store_bytes'])   # drop a half-written layer
         first = src.fetch(src.shards[0]) if src.weight_map is None else None
@@ -294,7 +305,7 @@ def _convert_unit(model, unit, tensors, mods, units, experts_bits, attn_bits, gr
         parent[i] = nn.Identity()                                    # the layer is in the files now: let it go
     return entry
 
-# %% ../nbs/11_real_models.ipynb #e81a7553
+# %% ../nbs/11_real_models.ipynb #590186f4
 @contextlib.contextmanager
 def params_on_meta():
     """Build modules with every parameter on the meta device but buffers real (rotary frequencies and other computed
@@ -372,15 +383,16 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
     if opts['attn_bits'] is not None: _empty_attention(model, opts['attn_bits'], dtype, device)
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
-    for f in tqdm(manifest['weights'], desc='loading weights', disable=not progress):
-        model.load_state_dict(load_file(path / f), strict=False, assign=True)
+    for f in tqdm(manifest['weights'], desc='loading weights', disable=not progress):   # straight to the device: the
+        model.load_state_dict(load_file(path / f, device=str(device)), strict=False, assign=True)   # host holds one file at a time
     if manifest.get('tied'): model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left: raise ValueError(f"the converted model {path} lacks weights: {left[:8]}")
     L = len(store.layers)
     if resident_layers is None:
-        from moe_explained.plan import host_available
+        from moe_explained.plan import host_available, pinned_nbytes
         per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
+        if device.type == 'cuda': per = pinned_nbytes(per)
         resident_layers = int(min(L, max(host_available() - 2 * 2**30, 0) // per))
     _check_int_range('resident_layers', resident_layers, 0, L)
     store.load_layers(store.layers[:resident_layers], pin=device.type == 'cuda')
@@ -392,7 +404,7 @@ def _check_int_range(name, v, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{name}={v!r} is out of range: need an int with {lo} <= {name} <= {hi}")
 
-# %% ../nbs/11_real_models.ipynb #eb7bb38f
+# %% ../nbs/11_real_models.ipynb #d46296dc
 def _attn_bits(model):
     "The bit width of a model's hqq-quantized attention (None when it is not quantized)."
     from hqq.core.quantize import HQQLinear
@@ -447,7 +459,7 @@ def upload(path, repo_id: str, private: bool = True) -> str:
                       commit_message='moe_explained: converted offloaded model')
     return f'https://huggingface.co/{repo_id}'
 
-# %% ../nbs/11_real_models.ipynb #b8fda7f9
+# %% ../nbs/11_real_models.ipynb #fcc145a6
 def realign(model: nn.Module) -> nn.Module:
     """Give every parameter and buffer of `model` a fresh allocation (same values). CPU matrix kernels may round
     differently for data at different memory alignments — weights read from a safetensors file sit wherever the file
@@ -479,6 +491,12 @@ def check_conversion(family: str, folder) -> tuple:
             m = realign(load_converted(convert(folder / 'hub', folder / 'converted', experts_bits=None, attn_bits=None, progress=False), progress=False))
             sr, sm = ref.state_dict(), m.state_dict()
             if any(not torch.equal(v, sr[k]) for k, v in sm.items()): return 'failing', 'converted weights differ from from_pretrained\'s'
+            store, ref_experts = m.moe_offload.store, dict(moe_experts(ref))
+            for layer in store.layers:                   # and every expert's row holds from_pretrained's expert weights
+                want_e = expert_params(ref_experts[layer])
+                for e in range(store.num_experts(layer)):
+                    if any(not torch.equal(v, want_e[n][e]) for n, v in store.views(layer, e).items()):
+                        return 'failing', f'layer {layer}, expert {e}: the stored weights differ from from_pretrained\'s'
             with torch.no_grad(): got = m(ids).logits
         except Exception as e: return 'failing', f'convert: {type(e).__name__}: {str(e).splitlines()[0][:110]}'
         if not torch.equal(got, want): return 'failing', f'converted logits differ by up to {(got - want).abs().max().item():.3g}'

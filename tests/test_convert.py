@@ -109,7 +109,7 @@ def _fake_hub(monkeypatch, repo_dir, seen):
 
 
 def test_hub_download_is_streamed_shard_by_shard(hub, tmp_path, monkeypatch):
-    "With shards larger than a layer (as on the hub: 5 GB shards, 1.4 GB Mixtral layers), at most two are ever on disk."
+    "With shards larger than a layer (as on the hub: 5 GB shards, 2.9 GB Mixtral layers), at most two are ever on disk."
     big = tmp_path / 'big'
     _tiny(num_layers=6).save_pretrained(big, max_shard_size='400KB')
     seen = []
@@ -213,3 +213,32 @@ def test_top_level_names():
     import moe_explained, moe_explained.plan
     assert moe_explained.load_converted is C.load_converted and moe_explained.save_offloaded is C.save_offloaded
     assert moe_explained.plan_memory is moe_explained.plan.plan_memory
+
+
+def _cli(argv, capsys):
+    from moe_explained.cli import main
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_plan_convert_and_generate_a_converted_model(capsys, tmp_path):
+    from moe_explained.pretrained import TINY_MIXTRAL_PATH
+    rc, out, _ = _cli(['plan', 'mixtral-8x7b', '--device-memory', 'T4', '--host-memory', '12.7GB', '--disk-memory', '80GB'], capsys)
+    assert rc == 0 and 'cache 5 of 8 experts per layer' in out
+    rc, out, _ = _cli(['plan', 'mixtral-8x7b', '--device-memory', 'T4', '--host-memory', '12.7GB', '--disk-memory', '80GB', '--json'], capsys)
+    assert rc == 0 and json.loads(out)['cache_size'] == 5
+    rc, _, err = _cli(['plan', 'mixtral-8x7b', '--device-memory', '3GB', '--host-memory', '12.7GB', '--disk-memory', '80GB'], capsys)
+    assert rc == 2 and 'no memory plan fits the device' in err
+    rc, out, _ = _cli(['convert', str(TINY_MIXTRAL_PATH), str(tmp_path / 'tiny'), '--experts-bits', '4', '--attn-bits', '0'], capsys)
+    assert rc == 0 and f'--model {tmp_path / "tiny"}' in out
+    rc, out, _ = _cli(['generate', 'And it came to pass', '--model', str(tmp_path / 'tiny'), '--max-new-tokens', '8', '--store', 'disk'], capsys)
+    assert rc == 0 and 'host RAM 0 B' in out
+    ref = _cli(['generate', 'And it came to pass', '--max-new-tokens', '8', '--experts-bits', '4'], capsys)[1]
+    assert out.splitlines()[0] == ref.splitlines()[0]                          # the same text as quantizing in RAM
+    rc, _, err = _cli(['generate', 'x', '--model', str(tmp_path / 'tiny'), '--experts-bits', '2'], capsys)
+    assert rc == 2 and 'quantized when it was converted' in err
+    rc, _, err = _cli(['convert', str(TINY_MIXTRAL_PATH), str(tmp_path / 'tiny')], capsys)
+    assert rc == 2 and 'already holds a converted model' in err
+    rc, _, err = _cli(['convert', str(TINY_MIXTRAL_PATH), str(tmp_path / 'x'), '--dtype', 'float17'], capsys)
+    assert rc == 2 and 'not a torch dtype' in err

@@ -24,10 +24,13 @@ def test_mixtral_on_a_t4():
     assert p.total('device') <= parse_bytes('T4') < p.total('device') + p.expert_nbytes * 32   # the largest cache that fits
     assert p.store == 'split' and 0 < p.resident_layers < 32
     assert p.total('host') <= parse_bytes('12.7GB')
+    held = next(v for k, v in p.host.items() if k.startswith('expert store in RAM'))
+    assert held == p.resident_layers * 2**29          # a 509 MiB layer pins a 512 MiB block (PyTorch rounds pinned blocks)
     assert 'expert store (experts.bin)' in str(p) and 'DOES NOT FIT' not in str(p)
 
 
-def test_plan_bytes_are_what_the_engine_allocates(tmp_path):
+@pytest.mark.parametrize('attn_bits', [4, 3])
+def test_plan_bytes_are_what_the_engine_allocates(tmp_path, attn_bits):
     from transformers import MixtralConfig, MixtralForCausalLM
     from hqq.core.quantize import HQQLinear
     from moe_explained.offload import offload, offload_stats
@@ -35,9 +38,9 @@ def test_plan_bytes_are_what_the_engine_allocates(tmp_path):
                         head_dim=32, vocab_size=256, num_local_experts=6, num_experts_per_tok=2)
     torch.manual_seed(0)
     model = MixtralForCausalLM(cfg).eval()
-    p = plan_memory(cfg, device_memory=10**9, host_memory=10**9, disk_memory=10**10, experts_bits=4, attn_bits=4,
+    p = plan_memory(cfg, device_memory=10**9, host_memory=10**9, disk_memory=10**10, experts_bits=4, attn_bits=attn_bits,
                     cache_size=3, dtype_bytes=4, device_reserve=0, host_reserve=0, shard_bytes=0)
-    m = offload(copy.deepcopy(model), cache_size=3, experts_bits=4, attn_bits=4, progress=False)
+    m = offload(copy.deepcopy(model), cache_size=3, experts_bits=4, attn_bits=attn_bits, progress=False)
     st = offload_stats(m)
     slots = sum(v for k, v in p.device.items() if k.startswith(('expert slots', 'staging')))
     assert slots == st.device_bytes
@@ -45,6 +48,11 @@ def test_plan_bytes_are_what_the_engine_allocates(tmp_path):
     attn = sum(t.numel() * t.element_size() for mod in m.modules() if isinstance(mod, HQQLinear)
                for t in (mod.W_q, mod.meta['scale'], mod.meta['zero']))
     assert attn == next(v for k, v in p.device.items() if k.startswith('attention'))
+
+
+def test_pinned_blocks_are_rounded_as_pytorch_rounds_them():
+    from moe_explained.plan import pinned_nbytes
+    assert [pinned_nbytes(n) for n in (0, 1, 4096, 4097, 509 * 2**20, 678 * 2**20)] == [0, 1, 4096, 8192, 2**29, 2**30]
 
 
 def test_refusals_name_what_to_change():
@@ -71,4 +79,4 @@ def _dense_config():
 
 def test_units_parse():
     assert parse_bytes('16GB') == 16 * 10**9 and parse_bytes('12.5GiB') == int(12.5 * GiB) and parse_bytes(1024) == 1024
-    assert parse_bytes('T4') == int(14.7 * GiB)
+    assert parse_bytes('T4') == int(14.3 * GiB)
