@@ -233,13 +233,21 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
         todo = sorted(u for u in need if u not in journal['done'])
         bar = tqdm(total=len(need), initial=len(need) - len(todo), desc='converting layers', disable=not progress)
         fetched, arrived, rest = ({src.shards[0]: first} if first else {}), set(), {}
+        from safetensors.torch import load_file, save_file
+        saved = journal.setdefault('rest_saved', [])       # shards whose `rest` tensors are kept in .convert/
+        if 'rest' in todo:
+            for s in saved: rest |= load_file(work / f'rest-{s}')
+        def done(u, shard): return u in journal['done'] or (u == 'rest' and shard in saved)
         for shard in src.shards:
-            if all(u in journal['done'] for u, s in need.items() if shard in s): continue
+            if all(done(u, shard) for u, s in need.items() if shard in s): continue
             if shard not in fetched: fetched[shard] = src.fetch(shard)
             arrived.add(shard)
-            if 'rest' in todo:   # the embeddings, final norm and head sit in the first and last shards: keep them, not the shard
-                rest |= _read(fetched[shard], [k for k, v in src.weight_map.items() if v == shard and unit_of(k) == 'rest'])
-            for u in [u for u in todo if need[u] <= arrived]:
+            if 'rest' in todo and shard not in saved:
+                # the embeddings, final norm and head sit in the first and the last shard: keep their tensors (in RAM,
+                # and in .convert/ so that a resume need not download the first shard again), not the shard
+                part = _read(fetched[shard], [k for k, v in src.weight_map.items() if v == shard and unit_of(k) == 'rest'])
+                save_file(part, work / f'rest-{shard}'); rest |= part; saved.append(shard)
+            for u in [u for u in todo if need[u] <= (arrived | set(saved) if u == 'rest' else arrived)]:
                 tensors = rest if u == 'rest' else {}
                 for s in need[u] if u != 'rest' else ():
                     tensors |= _read(fetched[s], [k for k, v in src.weight_map.items() if v == s and unit_of(k) == u])
@@ -250,7 +258,8 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
                 journal['store_bytes'] = store_file.tell()
                 _atomic_json(journal_file, journal)
                 todo.remove(u); bar.update()
-            for s in [s for s in fetched if all(u in journal['done'] or u == 'rest' for u, ss in need.items() if s in ss)]:
+            _atomic_json(journal_file, journal)
+            for s in [s for s in fetched if all(done(u, s) for u, ss in need.items() if s in ss)]:
                 src.release(s); del fetched[s]
         bar.close()
     missing = [n for n, p in model.named_parameters() if p.is_meta and n not in _tied_names(model) and unit_of(n) not in resumed]
@@ -423,7 +432,11 @@ def save_offloaded(model: nn.Module, path, tokenizer=None, progress: bool = True
     st = eng.store
     if st.path is not None and st.path.resolve() == path.resolve():
         raise ValueError(f"{path} is the folder this model's experts are memory-mapped from: save into another folder")
-    if (path / MANIFEST).exists(): (path / MANIFEST).unlink()        # the old model stops loading before it is overwritten
+    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
+        raise ValueError(f"{path} is a folder that holds other files: save into a new or empty folder")
+    if (path / MANIFEST).exists():                                  # the old model stops loading before it is overwritten
+        (path / MANIFEST).unlink()
+        for f in path.glob('weights-*.safetensors'): f.unlink()
     path.mkdir(parents=True, exist_ok=True)
     eng.copier.drain()
     from tqdm.auto import tqdm

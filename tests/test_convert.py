@@ -60,6 +60,9 @@ def test_memory_mapped_and_resident_layers(hub, tmp_path):
         load_converted(out, cache_size=7, progress=False)
 
 
+_real_rows = C.expert_rows
+
+
 def _flaky(monkeypatch, fail_on_layer, calls):
     real = C.expert_rows
     def rows(m, *a, **k):
@@ -120,6 +123,26 @@ def test_hub_download_is_streamed_shard_by_shard(hub, tmp_path, monkeypatch):
     assert read_manifest(out)['source']['repo'] == 'someone/tiny-mixtral'
     assert torch.equal(_logits(load_converted(out, progress=False)),
                        _logits(load_offloaded(big, experts_bits=2, progress=False)))
+
+
+def test_hub_resume_does_not_download_finished_shards_again(tmp_path, monkeypatch):
+    big = tmp_path / 'big'
+    _tiny(num_layers=6).save_pretrained(big, max_shard_size='400KB')
+    shards = sorted(p.name for p in big.glob('*.safetensors'))
+    import huggingface_hub
+    _fake_hub(monkeypatch, big, [])
+    fetched, real = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, **kw: fetched.append(filename) or real(repo_id, filename, **kw))
+    calls = []
+    _flaky(monkeypatch, 4, calls)
+    with pytest.raises(KeyboardInterrupt): convert('someone/tiny-mixtral', tmp_path / 'out', experts_bits=2, attn_bits=None, progress=False)
+    first_run, fetched[:] = list(fetched), []
+    monkeypatch.setattr(C, 'expert_rows', _real_rows)
+    convert('someone/tiny-mixtral', tmp_path / 'out', experts_bits=2, attn_bits=None, progress=False)
+    assert shards[0] in first_run and shards[0] not in fetched      # the embeddings were kept; the first shard is not fetched again
+    whole = convert(big, tmp_path / 'whole', experts_bits=2, attn_bits=None, progress=False)
+    assert (tmp_path / 'out' / 'experts.bin').read_bytes() == (whole / 'experts.bin').read_bytes()
+    assert torch.equal(_logits(load_converted(tmp_path / 'out', progress=False)), _logits(load_converted(whole, progress=False)))
 
 
 def test_truncated_download_is_refused(hub, tmp_path, monkeypatch):
@@ -183,6 +206,9 @@ def test_save_offloaded_round_trip_and_refusals(hub, tmp_path):
     assert read_manifest(saved)['options'] | {} == dict(experts_bits=4, group_size=16, meta_bits=8, attn_bits=4, attn_group_size=64, dtype='float32')
     with pytest.raises(ValueError, match='memory-mapped from'): save_offloaded(m, tmp_path / 'store', progress=False)
     with pytest.raises(ValueError, match='is not offloaded'): save_offloaded(_tiny(), tmp_path / 'x', progress=False)
+    other = tmp_path / 'other'; other.mkdir(); (other / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='holds other files'): save_offloaded(m, other, progress=False)
+    assert save_offloaded(m, saved, progress=False) == saved and read_manifest(saved)          # over an older save: replaced
 
 
 def test_load_converted_from_the_hub_and_push(hub, tmp_path, monkeypatch):
