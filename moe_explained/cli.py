@@ -6,7 +6,7 @@ Docs: https://moe-explained.github.io/moe_explained/cli.html.md"""
 
 # %% auto #0
 __all__ = ['COMMANDS', 'arg', 'subcommand', 'build_parser', 'main', 'format_params', 'params', 'models', 'generate', 'plan',
-           'convert']
+           'convert', 'ep_check']
 
 # %% ../nbs/90_cli.ipynb #83f0ad5a
 import argparse, json, os, sys
@@ -246,6 +246,32 @@ def convert(args) -> int:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f'converted into {out} ({size / 2**30:.2f} GiB); run it with: moe-explained generate "Hello" --model {out}')
     return 0
+
+# %% ../nbs/90_cli.ipynb #6c2301f9
+@subcommand('ep-check', 'run the expert-parallel checks of chapter 12 on several local processes (torchrun, gloo)',
+            arg('--world-size', type=_int_at_least('world-size', 2), default=2, help='processes to start (default 2)'),
+            arg('--task', choices=('check', 'bytes'), default='check', help="'check': our EP and transformers' EP against one process; 'bytes': the all-to-all bytes"),
+            arg('--timeout', type=_int_at_least('timeout', 10), default=300, help='seconds before every process is killed (default 300)'),
+            arg('--json', action='store_true', help='print JSON instead of text'))
+def ep_check(args) -> int:
+    "Run the task, print its result; exit status 1 when a check fails."
+    from moe_explained.parallel import launch
+    try: r = launch(args.task, args.world_size, timeout=args.timeout)
+    except (RuntimeError, TimeoutError) as e: raise ValueError(str(e)) from None
+    if args.json: print(json.dumps(r, indent=1)); return 0
+    if args.task == 'bytes':
+        for row in r['rows']:
+            print(f"E={row['E']:<3} k={row['k']} W={row['W']}: {row['measured_activations']:.1f} B/token/layer measured, "
+                  f"{row['formula_activations']:.1f} by 2kHb(W-1)/W")
+        return 0
+    ok = True
+    for name in ('mixtral', 'qwen3_moe'):
+        c = r[name]; t = c['transformers']
+        ok &= c['block']['equal'] and c['model']['equal']
+        hf = f"ran, max |diff| {t['max_abs_diff']:.2g}" if t['ran'] else f"did not run: {t['error']}"
+        print(f"{name:<10} W={r['world_size']}: dispatch by hand {'==' if c['block']['equal'] else '!='} one process; "
+              f"expert_parallel model {'==' if c['model']['equal'] else '!='} one process; transformers' EP {hf}")
+    return 0 if ok else 1
 
 # %% ../nbs/90_cli.ipynb #156fab8f
 if __name__ == '__main__' and 'get_ipython' not in globals():   # `python -m moe_explained.cli`, not a notebook

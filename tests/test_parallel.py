@@ -1,0 +1,66 @@
+"""Chapter 12: expert parallelism on torch.distributed (gloo, loopback). Each launch starts real processes with torchrun,
+with bounded timeouts."""
+import pytest
+import torch
+
+from moe_explained.parallel import bytes_per_token_per_layer, expert_owners, launch, plan_dispatch, rank_load
+
+
+def test_ep_equals_one_process_and_transformers_ep_runs():
+    r = launch('check', 2, timeout=240)
+    for name in ('mixtral', 'qwen3_moe'):
+        c = r[name]
+        assert c['block']['equal'] and c['model']['equal'], c          # ours: bit for bit
+        assert 0 < c['model']['stats']['remote'] < c['model']['stats']['pairs']
+        t = c['transformers']
+        assert t['ran'], t
+        # transformers' EP sums in another order (grouped_mm per rank): within the fp32 rounding of a length-H sum
+        assert t['max_abs_diff'] <= 64 * torch.finfo(torch.float32).eps * t['max_abs_logit'], t
+        assert t['local_expert_shape'][0] * 2 == t['global_expert_shape'][0]
+
+
+def test_failures_are_reported_and_nothing_hangs():
+    import time
+    for task, said in (('fail', 'rank 1 failed: RuntimeError: rank 1 was told to fail'), ('die', 'rank 1 exited with code 17 without a message')):
+        t = time.perf_counter()
+        with pytest.raises(RuntimeError, match=said): launch(task, 2, timeout=60)
+        assert time.perf_counter() - t < 60
+        assert not _workers_alive(), 'a rank outlived its failed run'
+
+
+def _workers_alive() -> list:
+    "Processes still running `-m moe_explained.parallel` (Linux /proc)."
+    from pathlib import Path
+    alive = []
+    for p in Path('/proc').glob('[0-9]*'):
+        try: cmd = (p / 'cmdline').read_bytes().split(b'\0')
+        except OSError: continue
+        if b'moe_explained.parallel' in cmd and (p / 'stat').read_text().split()[2] != 'Z': alive.append(p.name)
+    return alive
+
+
+def test_dispatch_plan_and_layout():
+    owners = expert_owners(8, 4)
+    assert owners.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    idx = torch.tensor([[0, 5], [2, 3], [7, 6], [1, 0]])
+    d = plan_dispatch(idx, owners)
+    assert d.send_counts.tolist() == [3, 2, 1, 2]
+    assert sorted(map(tuple, d.meta.tolist())) == sorted((int(idx[t, j]), j, t) for t in range(4) for j in range(2))
+    with pytest.raises(ValueError, match='world_size=9 > num_experts=8'): expert_owners(8, 9)
+    with pytest.raises(ValueError, match='positive int'): expert_owners(8, 0)
+    with pytest.raises(ValueError, match='world_size must be an int >= 2'): launch('check', 1)
+    with pytest.raises(ValueError, match='unknown task'): launch('nope', 2)
+
+
+def test_rank_load_and_capacity():
+    idx = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)            # ranks of W=2: experts 0,1 -> rank 0; 2,3 -> rank 1
+    r = rank_load(idx, 4, 2)
+    assert r['loads'] == [12, 4] and r['imbalance'] == 1.5 and r['dropped'] == 0
+    c = rank_load(idx, 4, 2, capacity_factor=1.0)              # capacity ceil(1.0 * 8 * 2 / 4) = 4 per expert
+    assert c['loads'] == [8, 4] and c['dropped'] == pytest.approx(4 / 16)
+    assert bytes_per_token_per_layer(2, 4096, 8, 2)['activations'] == 2 * 2 * 4096 * 2 * 7 / 8
+
+
+def test_expert_parallel_needs_a_process_group():
+    from moe_explained.parallel import expert_parallel, tiny_models
+    with pytest.raises(ValueError, match='needs torch.distributed'): expert_parallel(tiny_models()['mixtral'])
