@@ -9,7 +9,7 @@ __all__ = ['EP_IMPL', 'TASKS', 'expert_owners', 'Dispatch', 'plan_dispatch', 'Co
            'ep_stats', 'bytes_per_token_per_layer', 'tiny_models', 'check_block', 'check_model',
            'check_transformers_ep', 'worker', 'torchrun_command', 'launch', 'rank_load']
 
-# %% ../nbs/12_expert_parallel.ipynb #88507bb6
+# %% ../nbs/12_expert_parallel.ipynb #fb885a84
 import argparse, datetime, json, math, os, re, signal, socket, subprocess, sys, tempfile, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +21,15 @@ from torch import nn
 from .offload import drop_experts, expert_params, moe_experts, run_one_expert
 from .trace import find_moe_blocks
 
-# %% ../nbs/12_expert_parallel.ipynb #18db4548
+# %% ../nbs/12_expert_parallel.ipynb #a74d9dbe
 def expert_owners(num_experts: int, world_size: int) -> torch.Tensor:
-    """The rank that holds each expert, `[E]`: contiguous blocks of `ceil(E / W)` experts (rank 0 holds experts
-    0..E/W-1, and so on), the layout GShard and Switch use."""
+    """The rank that holds each expert, `[E]`: contiguous blocks, as even as they can be (`floor(e W / E)`: rank 0 holds
+    experts 0..E/W-1, and so on; with W not dividing E the blocks differ by one), the layout GShard and Switch use."""
     for n, v in (('num_experts', num_experts), ('world_size', world_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{n} must be a positive int, got {v!r}")
     if world_size > num_experts:
         raise ValueError(f"world_size={world_size} > num_experts={num_experts}: some ranks would hold no expert; use at most {num_experts} ranks")
-    return torch.arange(num_experts) // -(-num_experts // world_size)
+    return torch.arange(num_experts) * world_size // num_experts
 
 @dataclass
 class Dispatch:
@@ -40,13 +40,21 @@ class Dispatch:
 def plan_dispatch(top_k_index: torch.Tensor, owners: torch.Tensor) -> Dispatch:
     "The `Dispatch` of a `[T, k]` routing for the expert layout `owners` (`expert_owners`): nothing is sent yet."
     T, k = top_k_index.shape
-    e = top_k_index.reshape(-1)
-    dest = owners[e]
+    dev = top_k_index.device
+    e = top_k_index.reshape(-1).long()
+    dest = owners.to(dev)[e]
     order = torch.sort(dest, stable=True).indices
-    meta = torch.stack([e, torch.arange(k).repeat(T), torch.arange(T).repeat_interleave(k)], 1)[order]
-    return Dispatch(order, torch.bincount(dest, minlength=len(owners.unique())), meta)
+    meta = torch.stack([e, torch.arange(k, device=dev).repeat(T), torch.arange(T, device=dev).repeat_interleave(k)], 1)[order]
+    return Dispatch(order, torch.bincount(dest, minlength=int(owners.max()) + 1), meta)
 
-# %% ../nbs/12_expert_parallel.ipynb #178feb74
+def _lexsort(*keys) -> torch.Tensor:
+    "The permutation that sorts by the last key, then the one before, ... (stable sorts; no combined key to overflow)."
+    order = torch.arange(len(keys[0]), device=keys[0].device)
+    for key in keys:
+        order = order[torch.sort(key[order], stable=True).indices]
+    return order
+
+# %% ../nbs/12_expert_parallel.ipynb #0b578d40
 @dataclass
 class CommStats:
     """What the all-to-alls of one rank carried, summed over its MoE layer calls: `pairs` (token, choice) pairs routed,
@@ -73,7 +81,9 @@ def ep_exchange(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     4. combine: the outputs back to the ranks they came from (the reverse all-to-all), added up expert by expert in
        ascending order, as transformers' eager experts forward adds them.
 
-    Every rank must call it, once per MoE layer call, in the same order."""
+    Every rank must call it, once per MoE layer call, in the same order. The result equals the single-process forward
+    bit for bit when the ranks hold consecutive slices of the batch in rank order (the rows then reach each expert in
+    the single-process order) and the matrix kernels give each row the same result whatever the rows around it."""
     W, me = dist.get_world_size(group), dist.get_rank(group)
     T, H = hidden.shape
     d = plan_dispatch(top_k_index, owners)
@@ -87,12 +97,11 @@ def ep_exchange(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     x_recv = _a2a(hidden.new_empty(n, H), x_send, rc, sc, group)
     m_recv = _a2a(d.meta.new_empty(n, 3), d.meta, rc, sc, group)
     w_recv = _a2a(w_send.new_empty(n), w_send, rc, sc, group)
-    src = torch.repeat_interleave(torch.arange(W), recv)
+    src = torch.repeat_interleave(torch.arange(W, device=recv.device), recv)
     y_recv = torch.empty_like(x_recv)
     for e in torch.unique(m_recv[:, 0]).tolist():
         rows = torch.where(m_recv[:, 0] == e)[0]
-        key = (m_recv[rows, 1] << 40) | (src[rows] << 20) | m_recv[rows, 2]      # (choice, source rank, token)
-        rows = rows[torch.argsort(key)]
+        rows = rows[_lexsort(m_recv[rows, 2], src[rows], m_recv[rows, 1])]     # by (choice, source rank, token)
         y_recv[rows] = compute(e, x_recv[rows], w_recv[rows, None])
     y_send = _a2a(torch.empty_like(x_send), y_recv, sc, rc, group)
     out = torch.zeros_like(hidden)
@@ -103,10 +112,10 @@ def ep_exchange(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
         remote = sum(c for r, c in enumerate(sc) if r != me)
         stats.calls += 1; stats.tokens += T; stats.pairs += T * top_k_index.shape[1]; stats.remote += remote
         stats.activation_bytes += 2 * remote * H * hidden.element_size()
-        stats.meta_bytes += remote * (3 * 8 + w_send.element_size()) + 2 * W * 8
+        stats.meta_bytes += remote * (3 * 8 + w_send.element_size()) + (W - 1) * 8
     return out
 
-# %% ../nbs/12_expert_parallel.ipynb #34fe691f
+# %% ../nbs/12_expert_parallel.ipynb #61931f8f
 EP_IMPL = 'moe_explained_ep'
 
 @dataclass
@@ -160,7 +169,7 @@ def bytes_per_token_per_layer(k: int, hidden_size: int, world_size: int, dtype_b
     f = (world_size - 1) / world_size
     return dict(activations=2 * k * hidden_size * dtype_bytes * f, meta=k * f * (3 * 8 + weight_bytes))
 
-# %% ../nbs/12_expert_parallel.ipynb #316b1a80
+# %% ../nbs/12_expert_parallel.ipynb #d1bb695e
 def tiny_models() -> dict:
     "The two tiny random models the checks run: a Mixtral and a Qwen3-MoE (dense first layer), 8 experts, top-2, fp32."
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -179,9 +188,16 @@ def tiny_models() -> dict:
     return out
 
 def _gather(t: torch.Tensor, group=None) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    "Every rank's `t` concatenated in rank order; the ranks' first dimensions may differ (all_gather needs equal sizes: pad)."
+    W = dist.get_world_size(group)
+    n = torch.tensor([t.shape[0]])
+    sizes = [torch.empty_like(n) for _ in range(W)]
+    dist.all_gather(sizes, n, group=group)
+    m = max(int(x) for x in sizes)
+    padded = torch.cat([t, t.new_zeros(m - t.shape[0], *t.shape[1:])]).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(W)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:int(k)] for p, k in zip(parts, sizes)])
 
 @torch.no_grad()
 def check_block(model: nn.Module, tokens: int = 48, seed: int = 0) -> dict:
@@ -223,6 +239,9 @@ def check_transformers_ep(model: nn.Module, folder) -> dict:
     single-process model's. Returns what happened, or why it could not run."""
     W, me = dist.get_world_size(), dist.get_rank()
     import copy
+    E = next(iter(expert_params(moe_experts(model)[0][1]).values())).shape[0]
+    if E % W:   # not tried: an uneven split of the expert dimension aborts a rank (SIGABRT) rather than raising
+        return dict(ran=False, error=f"not run: transformers' EP shards the expert dimension evenly, and {E} experts do not split over {W} ranks")
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     ref = model(ids).logits
     same = copy.deepcopy(model); same.set_experts_implementation('grouped_mm')    # what transformers' EP runs per rank
@@ -245,7 +264,7 @@ def check_transformers_ep(model: nn.Module, folder) -> dict:
                 experts_implementation=ep.config._experts_implementation, local_expert_shape=list(local),
                 global_expert_shape=list(w.shape))
 
-# %% ../nbs/12_expert_parallel.ipynb #7f527135
+# %% ../nbs/12_expert_parallel.ipynb #a100dfab
 def _task_check(args) -> dict:
     "Every check of the chapter, on this rank: the hand dispatch on one layer, our EP and transformers' EP on whole models."
     out = {}
@@ -282,13 +301,18 @@ def _task_fail(args) -> dict:
     dist.barrier()
     return {}
 
+def _task_hang(args) -> dict:
+    "Every rank sleeps outside any collective (to show that launch's wall-clock limit stops them all)."
+    time.sleep(3600)
+    return {}
+
 def _task_die(args) -> dict:
     "Rank 1 dies without a word while rank 0 waits for it in a collective (to show that this is no hang)."
     if dist.get_rank() == 1: os._exit(17)
     dist.barrier()
     return {}
 
-TASKS = {'check': _task_check, 'bytes': _task_bytes, 'fail': _task_fail, 'die': _task_die}
+TASKS = {'check': _task_check, 'bytes': _task_bytes, 'fail': _task_fail, 'die': _task_die, 'hang': _task_hang}
 
 def worker(argv=None) -> int:
     """The per-process entry point torchrun starts (`python -m moe_explained.parallel TASK --out FILE`): join the gloo
@@ -330,7 +354,7 @@ def _why(log: str) -> str:
     exits = dict(re.findall(r'rank\s*:\s*(\d+)\s*\(local_rank.*?exitcode\s*:\s*(-?\d+)', log, re.S))
     silent = [(r, c) for r, c in exits.items() if r not in said]
     if silent:
-        then = ''.join(f'; rank {r} then failed: {m[:100]}' for r, m in said.items())
+        then = ''.join(f"; rank {r} then failed: {m.split('. ')[0]}" for r, m in said.items())
         return '; '.join(f'rank {r} exited with code {c} without a message' for r, c in silent) + then
     lost = re.compile(r'Connection (reset|closed) by peer|Read error|[Tt]imed? ?out')   # a consequence of another failure
     first = [r for r, m in said.items() if not lost.search(m)]
@@ -339,6 +363,24 @@ def _why(log: str) -> str:
     if root and root[1] in said: return f'rank {root[1]} failed: {said[root[1]]}'
     if said: return '; '.join(f'rank {r} failed: {m}' for r, m in said.items())
     return 'see the log: ' + ' | '.join(log.strip().splitlines()[-3:])
+
+def _kill_marked(marker: str) -> int:
+    """Kill every process whose environment carries `MOE_EXPLAINED_LAUNCH=marker`: torchrun starts each worker in a
+    session of its own, so killing torchrun's process group does not reach them (Linux /proc)."""
+    n, tag = 0, f'MOE_EXPLAINED_LAUNCH={marker}'.encode()
+    for p in Path('/proc').glob('[0-9]*'):
+        try:
+            if tag in (p / 'environ').read_bytes().split(b'\0'): os.kill(int(p.name), signal.SIGKILL); n += 1
+        except (OSError, ValueError): continue
+    return n
+
+def _stop(proc, marker: str):
+    "Stop a torchrun run and all its workers: SIGTERM first (torchrun then stops its workers), SIGKILL for what is left."
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(timeout=5)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    _kill_marked(marker)
 
 def launch(task: str = 'check', world_size: int = 2, timeout: float = 120) -> dict:
     """Run a task on `world_size` processes with torchrun (gloo over loopback) and return rank 0's result. Every process
@@ -349,25 +391,25 @@ def launch(task: str = 'check', world_size: int = 2, timeout: float = 120) -> di
         raise ValueError(f"world_size must be an int >= 2, got {world_size!r}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'result.json'
+        marker = f'{os.getpid()}-{time.monotonic_ns()}'
         env = os.environ | dict(OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'),
-                                HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+                                HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', MOE_EXPLAINED_LAUNCH=marker)
         cmd = torchrun_command(task, world_size, out, max(timeout / 2, 5)) + ['--scratch', tmp]   # collectives give up first
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         try: log, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+            _stop(proc, marker)
             raise TimeoutError(f"the {world_size}-process run of {task!r} did not finish in {timeout:.0f} s; every process was killed") from None
-        finally:
-            if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        finally: _stop(proc, marker)
         if proc.returncode != 0: raise RuntimeError(f"the {world_size}-process run of {task!r} failed: {_why(log)}; the other ranks were stopped")
         return json.loads(out.read_text())
 
-# %% ../nbs/12_expert_parallel.ipynb #74d260ec
+# %% ../nbs/12_expert_parallel.ipynb #ad1cad10
 if __name__ == '__main__' and 'get_ipython' not in globals():   # `python -m moe_explained.parallel`, not a notebook
     sys.exit(worker())
 
-# %% ../nbs/12_expert_parallel.ipynb #53677bd3
+# %% ../nbs/12_expert_parallel.ipynb #8c4a0389
 def rank_load(top_k_index: torch.Tensor, num_experts: int, world_size: int, capacity_factor=None) -> dict:
     """How evenly a `[T, k]` routing loads `world_size` ranks holding contiguous blocks of experts: the pairs each rank
     computes, `imbalance` = max / mean (1.0 is perfect; the step waits for the busiest rank), and, with a

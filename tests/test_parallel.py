@@ -7,16 +7,16 @@ from moe_explained.parallel import bytes_per_token_per_layer, expert_owners, lau
 
 
 def test_ep_equals_one_process_and_transformers_ep_runs():
-    r = launch('check', 2, timeout=240)
+    "3 ranks: uneven expert blocks (3, 3, 2 of 8) and uneven batch slices (1, 1, 2 of 4 sequences). 2 and 4: the notebook."
+    r = launch('check', 3, timeout=240)
     for name in ('mixtral', 'qwen3_moe'):
         c = r[name]
         assert c['block']['equal'] and c['model']['equal'], c          # ours: bit for bit
         assert 0 < c['model']['stats']['remote'] < c['model']['stats']['pairs']
         t = c['transformers']
-        assert t['ran'], t
-        # transformers' EP sums in another order (grouped_mm per rank): within the fp32 rounding of a length-H sum
-        assert t['max_abs_diff'] <= 64 * torch.finfo(torch.float32).eps * t['max_abs_logit'], t
-        assert t['local_expert_shape'][0] * 2 == t['global_expert_shape'][0]
+        if t['ran']:   # transformers' EP sums in another order: within 64 ulps of the largest logit
+            assert t['max_abs_diff'] <= 64 * torch.finfo(torch.float32).eps * t['max_abs_logit'], t
+        else: assert t['error'], t                                      # 8 experts do not split over 3 ranks for it: said why
 
 
 def test_failures_are_reported_and_nothing_hangs():
@@ -39,6 +39,15 @@ def _workers_alive() -> list:
     return alive
 
 
+def test_the_wall_clock_limit_stops_every_process():
+    import time
+    t = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish in 8 s"): launch('hang', 2, timeout=8)
+    assert time.perf_counter() - t < 20
+    time.sleep(0.5)
+    assert not _workers_alive(), 'a rank outlived the timeout'
+
+
 def test_dispatch_plan_and_layout():
     owners = expert_owners(8, 4)
     assert owners.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -46,6 +55,9 @@ def test_dispatch_plan_and_layout():
     d = plan_dispatch(idx, owners)
     assert d.send_counts.tolist() == [3, 2, 1, 2]
     assert sorted(map(tuple, d.meta.tolist())) == sorted((int(idx[t, j]), j, t) for t in range(4) for j in range(2))
+    for E, W in ((6, 4), (5, 4), (9, 6), (8, 8)):                 # every rank holds an expert, blocks differ by at most one
+        counts = torch.bincount(expert_owners(E, W), minlength=W)
+        assert counts.min() >= 1 and counts.max() - counts.min() <= 1 and expert_owners(E, W).diff().ge(0).all()
     with pytest.raises(ValueError, match='world_size=9 > num_experts=8'): expert_owners(8, 9)
     with pytest.raises(ValueError, match='positive int'): expert_owners(8, 0)
     with pytest.raises(ValueError, match='world_size must be an int >= 2'): launch('check', 1)
@@ -64,3 +76,11 @@ def test_rank_load_and_capacity():
 def test_expert_parallel_needs_a_process_group():
     from moe_explained.parallel import expert_parallel, tiny_models
     with pytest.raises(ValueError, match='needs torch.distributed'): expert_parallel(tiny_models()['mixtral'])
+
+
+def test_cli_ep_check(capsys):
+    from moe_explained.cli import main
+    assert main(['ep-check', '--task', 'bytes', '--world-size', '2', '--timeout', '120']) == 0
+    out = capsys.readouterr().out
+    assert 'B/token/layer measured' in out and '2kHb(W-1)/W' in out
+    assert main(['ep-check', '--world-size', '9']) == 2 and 'world_size=9 > num_experts=8' in capsys.readouterr().err
