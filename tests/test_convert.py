@@ -268,3 +268,21 @@ def test_cli_plan_convert_and_generate_a_converted_model(capsys, tmp_path):
     assert rc == 2 and 'already holds a converted model' in err
     rc, _, err = _cli(['convert', str(TINY_MIXTRAL_PATH), str(tmp_path / 'x'), '--dtype', 'float17'], capsys)
     assert rc == 2 and 'not a torch dtype' in err
+
+
+def test_pre_quantized_checkpoints_and_a_damaged_journal_are_refused(hub, tmp_path, monkeypatch):
+    q = tmp_path / 'fp8'; shutil.copytree(hub, q)
+    cfg = json.loads((q / 'config.json').read_text())
+    cfg['quantization_config'] = {'quant_method': 'fp8', 'weight_block_size': [128, 128]}
+    (q / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r'pre-quantized checkpoint \(fp8\)'): convert(q, tmp_path / 'out-fp8', progress=False)
+    assert not (tmp_path / 'out-fp8').exists()
+    calls = []
+    _flaky(monkeypatch, 3, calls)
+    with pytest.raises(KeyboardInterrupt): convert(hub, tmp_path / 'out', experts_bits=2, attn_bits=None, progress=False)
+    monkeypatch.setattr(C, 'expert_rows', _real_rows)
+    journal = json.loads((tmp_path / 'out' / C.WORK / 'journal.json').read_text())
+    data = (tmp_path / 'out' / 'experts.bin').read_bytes()
+    (tmp_path / 'out' / 'experts.bin').write_bytes(data[:journal['store_bytes'] - 4096])   # lost data the journal counts on
+    with pytest.raises(ValueError, match="shorter than the interrupted conversion's journal"):
+        convert(hub, tmp_path / 'out', experts_bits=2, attn_bits=None, progress=False)
