@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .offload import (STORE_DATA, STORE_INDEX, ExpertStore, _check_cache_size, _check_options, attach,
+from .offload import (STORE_DATA, STORE_INDEX, ExpertStore, _check_bits, _check_cache_size, _check_int, _check_options, attach,
                                    check_safetensors_file,
                                    check_safetensors, drop_experts, expert_params, expert_rows, moe_experts, resolve_device,
                                    write_rows, write_store_index)
 from .plan import _config, meta_model
-from .quant import SUPPORTED_BITS, quantize_attention
+from .quant import attention_linears, quantize_attention
 
 # %% ../nbs/11_real_models.ipynb #47a5b94f
 FORMAT_VERSION = 1
@@ -151,10 +151,6 @@ def _options(experts_bits, attn_bits, group_size, meta_bits, dtype) -> dict:
                 dtype=str(dtype).removeprefix('torch.'))
 
 # %% ../nbs/11_real_models.ipynb #72e79bb2
-def _check_bits(name, b):
-    if b is not None and (isinstance(b, bool) or b not in SUPPORTED_BITS):
-        raise ValueError(f"{name}={b!r} is not supported; choose one of {SUPPORTED_BITS}, or None to keep the weights as they are")
-
 def _copy_source_files(src_dir: Path, out: Path):
     for pattern in SOURCE_FILES:
         for f in src_dir.glob(pattern):
@@ -283,7 +279,7 @@ def _tied_names(model) -> set:
 def _check_attention(model, bits):
     "Refuse, before anything is written, attention weights hqq cannot quantize at `bits` in groups of 64."
     from moe_explained.quant import _check_config
-    lins = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']
+    lins = attention_linears(model)
     if not lins: raise ValueError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module: use attn_bits=None")
     for n, m in lins: _check_config(tuple(m.weight.shape), bits, 64, 1)
 
@@ -304,7 +300,7 @@ def _convert_unit(model, unit, tensors, mods, units, experts_bits, attn_bits, gr
         if any(p.is_meta for p in lay.parameters()):
             bad = [n for n, p in lay.named_parameters() if p.is_meta]
             raise ValueError(f"the checkpoint has no weights for {unit} parameters {bad[:6]} (a shard or index is incomplete)")
-        if attn_bits is not None and any('.self_attn.' in f'.{n}.' for n, _ in lay.named_modules()):
+        if attn_bits is not None and attention_linears(lay):
             quantize_attention(lay.to(qdevice), attn_bits, compute_dtype=dtype)
     state = _state(model, unit)
     from safetensors.torch import save_file
@@ -355,7 +351,7 @@ def _resolve_converted(name_or_path, progress) -> Path:
 def _empty_attention(model, bits, dtype, device):
     "Replace each attention `nn.Linear` by an empty hqq `HQQLinear`, to be filled from a saved state (no quantization)."
     from hqq.core.quantize import HQQLinear
-    for n, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']:
+    for n, lin in attention_linears(model):
         parent, child = n.rsplit('.', 1)
         setattr(model.get_submodule(parent), child, HQQLinear(None, None, compute_dtype=dtype, device=str(device), initialize=False))
 
@@ -403,15 +399,11 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
         per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
         if device.type == 'cuda': per = pinned_nbytes(per)
         resident_layers = int(min(L, max(host_available() - 2 * 2**30, 0) // per))
-    _check_int_range('resident_layers', resident_layers, 0, L)
+    _check_int('resident_layers', resident_layers, 0, L)
     store.load_layers(store.layers[:resident_layers], pin=device.type == 'cuda')
     model = attach(model, store, cache_size, device, prefetch, miss, policy)
     model.moe_converted = manifest
     return model
-
-def _check_int_range(name, v, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{name}={v!r} is out of range: need an int with {lo} <= {name} <= {hi}")
 
 # %% ../nbs/11_real_models.ipynb #d46296dc
 def _attn_bits(model):

@@ -570,10 +570,16 @@ def moe_experts(model: nn.Module, quantized: bool = False) -> list:
         out.append((layer, m))
     return out
 
-def _check_int(name, v, lo):
+def _check_int(name, v, lo, hi=None):
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int, got {v!r}")
-    if v < lo: raise ValueError(f"{name}={v} is out of range: need {lo} <= {name}")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name}={v} is out of range: need {lo} <= {name}{'' if hi is None else f' <= {hi}'}")
+
+def _check_bits(name, b):
+    "Refuse a bit width chapter 07's quantizers do not have (None keeps the weights as they are)."
+    if b is not None and (isinstance(b, bool) or b not in SUPPORTED_BITS):
+        raise ValueError(f"{name}={b!r} is not supported; choose one of {SUPPORTED_BITS}, or None to keep the weights as they are")
 
 def _check_cache_size(mods, cache_size):
     "Refuse a cache larger than the experts of the smallest MoE layer of `mods` (`moe_experts`'s list)."
@@ -595,9 +601,7 @@ def resolve_device(device=None) -> torch.device:
 
 def _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, policy):
     _check_int('cache_size', cache_size, 1)
-    for n, b in (('experts_bits', experts_bits), ('attn_bits', attn_bits)):
-        if b is not None and (isinstance(b, bool) or b not in SUPPORTED_BITS):
-            raise ValueError(f"{n}={b!r} is not supported; choose one of {SUPPORTED_BITS}, or None to keep the weights as they are")
+    _check_bits('experts_bits', experts_bits); _check_bits('attn_bits', attn_bits)
     if not (isinstance(prefetch, bool) or (isinstance(prefetch, int) and prefetch >= 1)):
         raise ValueError(f"prefetch must be True, False or a number of guesses >= 1, got {prefetch!r}")
     if miss not in MISS_MODES: raise ValueError(f"miss={miss!r}: choose 'copy' (load the expert) or 'host' (compute it where it is stored)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from .moe import expert_weights
 from .offload import expert_params, moe_experts, top_k
-from .quant import SUPPORTED_BITS, expert_nbytes
+from .quant import SUPPORTED_BITS, attention_linears, expert_nbytes
 
 # %% ../nbs/11_memory_plan.ipynb #85b44bd4
 GiB, GB = 2**30, 10**9
@@ -118,7 +118,7 @@ def model_sizes(config) -> ModelSizes:
     except NotImplementedError: shapes, quantizable = {}, False
     E = next(iter(expert_params(first).values())).shape[0]
     per_expert = sum(math.prod(p.shape[1:]) for p in expert_params(first).values())
-    attn_numels = [mod.weight.numel() for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and '.self_attn.' in f'.{n}.']
+    attn_numels = [mod.weight.numel() for _, mod in attention_linears(m)]
     attn = sum(attn_numels)
     emb_ids = {id(p) for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None for p in mod.parameters()}
     emb = sum(p.numel() for p in m.parameters() if id(p) in emb_ids)

@@ -8,7 +8,7 @@ Docs: https://moe-explained.github.io/moe_explained/hqq.html.md"""
 __all__ = ['SUPPORTED_BITS', 'MAGIC', 'LAYOUT_VERSION', 'ALIGN', 'QUANT_IMPL', 'group_view', 'QTensor', 'quantize_rtn',
            'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'bits_per_weight', 'expert_layout',
            'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'expert_views', 'experts_modules',
-           'quantized_expert_output', 'quantize_experts', 'quantize_attention']
+           'quantized_expert_output', 'quantize_experts', 'attention_linears', 'quantize_attention']
 
 # %% ../nbs/07_hqq.ipynb #b6c713f6
 import json, math, struct, zlib
@@ -314,12 +314,16 @@ def quantize_experts(model: nn.Module, bits: int = 2, group_size: int = 16, axis
     model.set_experts_implementation(QUANT_IMPL)
     return model
 
+def attention_linears(model: nn.Module) -> list:
+    "`(name, module)` of every `nn.Linear` inside an attention module (`*.self_attn.*`): what `quantize_attention` replaces."
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']
+
 def quantize_attention(model: nn.Module, bits: int = 4, group_size: int = 64, compute_dtype=torch.float32, device=None) -> nn.Module:
     """Replace, in place, every `nn.Linear` inside an attention module (`*.self_attn.*`) by the `hqq` library's `HQQLinear`
     (HQQ, no meta-quantization), quantized and kept on `device` (default: where the weight is). `HQQLinear` ignores
     `.to()`, so the device is chosen here, and `compute_dtype` must be the dtype the model runs in."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']
+    targets = attention_linears(model)
     if not targets: raise ValueError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module to quantize")
     for n, lin in targets: _check_config(tuple(lin.weight.shape), bits, group_size, 1)
     cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
