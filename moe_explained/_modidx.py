@@ -592,4 +592,5 @@ d = { 'settings': { 'branch': 'main',
                                      'moe_explained.train.speedup_factor': ('tiny_mixtral.html#speedup_factor', 'moe_explained/train.py'),
                                      'moe_explained.train.train_flops': ('tiny_mixtral.html#train_flops', 'moe_explained/train.py'),
                                      'moe_explained.train.train_lm': ('tiny_mixtral.html#train_lm', 'moe_explained/train.py')},
-            'moe_explained.widgets': {'moe_explained.widgets.widgets_live': ('widgets.html#widgets_live', 'moe_explained/widgets.py')}}}
+            'moe_explained.widgets': { 'moe_explained.widgets.diagram': ('widgets.html#diagram', 'moe_explained/widgets.py'),
+                                       'moe_explained.widgets.widgets_live': ('widgets.html#widgets_live', 'moe_explained/widgets.py')}}}
