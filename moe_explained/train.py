@@ -225,8 +225,8 @@ tags: [mixtral, moe, tiny, education]
 
 A {pc['total'] / 1e6:.2f}M-parameter `MixtralForCausalLM` ({r['cfg']['E']} experts, top-{r['cfg']['k']}, {pc['active'] / 1e6:.2f}M active per token)
 trained from scratch on a CPU by chapter 05 of [moe_explained](https://github.com/moe-explained/moe_explained)
-(`nbs/05_tiny_mixtral.ipynb`). It exists to be taken apart: chapter 06's routing analysis uses it, and so will the planned
-quantization and expert-offloading chapters. It is a teaching model, not a useful language model.
+(`nbs/05_tiny_mixtral.ipynb`). It exists to be taken apart: chapter 06's routing analysis uses it, and so do the
+quantization, caching, speculation and offloading chapters (07 to 12). It is a teaching model, not a useful language model.
 
 ## Architecture
 d_model {r['cfg']['d_model']}, {r['cfg']['n_layers']} layers, {r['cfg']['n_heads']} query heads / {r['cfg']['n_kv_heads']} key-value heads, expert d_ff {r['cfg']['d_ff']},

@@ -53,6 +53,42 @@ def test_chapter_conventions(nb):
             f"{nb.name}: no #| default_exp"
 
 
+CHAPTERS = [p for p in NBS if re.match(r"\d\d[a-z]?_", p.name) and int(p.name[:2]) < 90]
+
+
+def _visible(cell):
+    return not re.search(r"^#\|\s*hide\b", _src(cell), flags=re.M)
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_reading_path(nb):
+    """Every chapter ends with its exercises (two or three, each solution collapsed in <details>) after a
+    'Where this is used' section, and keeps its bad-input checks out of the reading path."""
+    cells = _cells(nb)
+    md = [_src(c) for c in cells if c["cell_type"] == "markdown"]
+    ex = [s for s in md if re.search(r"^## Exercises\b", s, flags=re.M)]
+    assert len(ex) == 1, f"{nb.name}: needs one '## Exercises' section"
+    body = ex[0].split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^\d+\. \*\*", body, flags=re.M)
+    solutions = body.count("<details><summary>Solution</summary>")
+    assert 2 <= len(items) <= 3 and solutions == len(items), \
+        f"{nb.name}: {len(items)} exercises, {solutions} collapsed solutions (want 2-3, one each)"
+    assert body.count("<details>") == body.count("</details>"), f"{nb.name}: unbalanced <details>"
+    assert any(re.search(r"^## Where this is used\b", s, flags=re.M) for s in md), f"{nb.name}: no 'Where this is used'"
+    loud = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and _visible(c) and "test_fail(" in _src(c)]
+    assert not loud, f"{nb.name}: visible test_fail cells {loud}: bad-input checks belong in #| hide cells or tests/"
+
+
+@pytest.mark.parametrize("num", sorted({p.name[:2] for p in CHAPTERS}))
+def test_every_chapter_has_a_picture(num):
+    """One diagram per chapter (a chapter may be two notebooks), drawn by code in a `#| echo: false` cell (most with
+    `widgets.diagram`), so the figure is stored with the outputs and renders wherever the notebook is read."""
+    nbs = [p for p in CHAPTERS if p.name.startswith(num)]
+    drawn = [p.name for p in nbs for c in _cells(p) if c["cell_type"] == "code" and _src(c).startswith("#| echo: false")
+             and any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert drawn, f"chapter {num}: no '#| echo: false' cell with a stored figure in {[p.name for p in nbs]}"
+
+
 def _git(*args, cwd):
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
