@@ -186,4 +186,4 @@ def decode_trace(model, prompts: list, domains=None, max_new_tokens: int = 112, 
         out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=n, min_new_tokens=n,
                              **({'do_sample': True, 'temperature': 0.7, 'top_k': 40} | generate_kwargs))
         seqs.append(out[0].tolist())
-    return record_routing(model, seqs, domains=domains, hidden_states=False, model_name=getattr(model.config, '_name_or_path', ''))
+    return record_routing(model, seqs, domains=domains, hidden_states=False)

@@ -296,7 +296,7 @@ def plot_params(counts, bits=(16, 8, 4, 3, 2), gpus=(('Colab T4', 16), ('A100/H1
         bx.bar([i + (j - (len(bits) - 1) / 2) * wb for i in x], [pc.bytes_at(b) / 1e9 for pc in counts], wb,
                label=f'{b}-bit', color=plt.cm.viridis(j / max(1, len(bits) - 1)))
     for label, gb in gpus:
-        bx.axhline(gb, color='k', ls='--', lw=0.8); bx.text(len(counts) - 0.5, gb * 1.05, f'{label} {gb} GB', ha='right', fontsize=8,
+        bx.axhline(gb, color='k', ls='--', lw=0.8); bx.text(-0.45, gb * 1.05, f'{label} {gb} GB', ha='left', fontsize=8,
                                      bbox=dict(facecolor='white', edgecolor='none', pad=1))
     bx.set_yscale('log'); bx.set_ylim(top=4 * max(pc.bytes_at(max(bits)) for pc in counts) / 1e9); bx.set_ylabel('weights (GB, log scale)'); bx.set_title('memory of all weights')
     bx.set_xticks(list(x), [pc.name for pc in counts], rotation=35, ha='right'); bx.legend(fontsize=8, ncol=len(bits))

@@ -189,6 +189,10 @@ def _tokenize(texts, tokenizer, max_length, add_special_tokens):
     return ids
 
 # %% ../nbs/06_record_routing.ipynb #6a5cd4e8
+def _model_label(name_or_path: str) -> str:
+    "How a trace names its model: a hub id as it is, a local folder by its own name (not the machine's absolute path)."
+    return Path(name_or_path).name if name_or_path and Path(name_or_path).is_dir() else name_or_path
+
 @torch.no_grad()
 def record_routing(model, texts, tokenizer=None, domains=None, batch_size=8, max_length=None,
                    hidden_states=True, add_special_tokens=True, model_name=None):
@@ -252,7 +256,7 @@ every MoE layer. `texts`: strings (with `tokenizer`) or sequences of token ids (
                         offsets=torch.tensor([0, *itertools.accumulate(map(len, ids))]),
                         tokens=[tokenizer.decode([t]) for t in flat] if tokenizer is not None else [str(t) for t in flat],
                         layers=[l for l, *_ in blocks], domains=domains,
-                        model_name=model_name or getattr(cfg, '_name_or_path', '') or type(model).__name__)
+                        model_name=model_name or _model_label(getattr(cfg, '_name_or_path', '')) or type(model).__name__)
 
 # %% ../nbs/06_record_routing.ipynb #1fe8e618
 def check_routing(trace, model, atol: float = 1e-5) -> dict:

@@ -292,3 +292,17 @@ def test_check_routing_passes_the_recorder_and_catches_a_wrong_choice(recorded):
     assert check_routing(bad, model)["mismatches"] == 1
     with pytest.raises(ValueError, match="hidden_states=True"):
         check_routing(RoutingTrace(**{**tr.__dict__, "hidden_states": None}), model)
+
+
+def test_a_local_model_is_named_by_its_folder_not_its_absolute_path(tmp_path):
+    "A trace of a model loaded from a folder carries the folder's name; a hub id, or an explicit name, is kept as given."
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / 'my-moe')
+    model = MixtralForCausalLM.from_pretrained(tmp_path / 'my-moe').eval()
+    assert str(tmp_path) in model.config._name_or_path
+    assert record_routing(model, [[1, 2, 3]], hidden_states=False).model_name == 'my-moe'
+    assert record_routing(model, [[1, 2, 3]], hidden_states=False, model_name='owner/name').model_name == 'owner/name'
+    model.config._name_or_path = 'mistralai/Mixtral-8x7B-v0.1'      # a hub id: no such folder here
+    assert record_routing(model, [[1, 2, 3]], hidden_states=False).model_name == 'mistralai/Mixtral-8x7B-v0.1'
