@@ -9,7 +9,7 @@ __all__ = ['FORMAT_VERSION', 'MANIFEST', 'WORK', 'SOURCE_FILES', 'unit_of', 'Sou
            'read_manifest', 'load_converted', 'save_offloaded', 'upload', 'realign', 'check_conversion']
 
 # %% ../nbs/11_real_models.ipynb #ae10ce5a
-import contextlib, copy, json, os, re, shutil, warnings, zlib
+import contextlib, copy, json, os, re, shutil, warnings
 from pathlib import Path
 
 import torch
@@ -17,15 +17,16 @@ from torch import nn
 
 from .offload import (STORE_DATA, STORE_INDEX, ExpertStore, _check_bits, _check_cache_size, _check_int, _check_options, attach,
                                    check_safetensors_file,
-                                   check_safetensors, drop_experts, expert_params, expert_rows, moe_experts, resolve_device,
+                                   check_safetensors, drop_experts, expert_params, expert_rows, hub_call, moe_experts, resolve_device,
                                    write_rows, write_store_index)
-from .plan import _config, meta_model
+from .plan import meta_model
 from .quant import attention_linears, quantize_attention
 
 # %% ../nbs/11_real_models.ipynb #47a5b94f
 FORMAT_VERSION = 1
 MANIFEST, WORK = 'moe_offload.json', '.convert'
 SOURCE_FILES = ['*.json', 'tokenizer*', '*.model', '*.tiktoken', '*.txt', '*.jinja']   # everything but the weights
+_OFFLINE = 'convert with network, or from a local folder'   # what to do when a hub source cannot be reached
 _LAYER = re.compile(r'(?:^|\.)layers\.(\d+)\.')
 
 def unit_of(key: str) -> str:
@@ -49,8 +50,8 @@ class Source:
             if p.exists() or not _HUB_ID.fullmatch(str(name_or_path)):
                 raise ValueError(f"no such model folder: {p} (and {str(name_or_path)!r} is not a hub id of the form owner/name)")
             self.folder, self.repo = None, str(name_or_path)
-            self.meta_dir = self._hub(lambda: __import__('huggingface_hub').snapshot_download(
-                self.repo, revision=revision, allow_patterns=SOURCE_FILES))
+            self.meta_dir = hub_call(self.repo, lambda: __import__('huggingface_hub').snapshot_download(
+                self.repo, revision=revision, allow_patterns=SOURCE_FILES), remedy=_OFFLINE)
         base = self.folder or Path(self.meta_dir)
         self.config_dir = base
         index = base / 'model.safetensors.index.json'
@@ -65,21 +66,11 @@ class Source:
         else: self.weight_map = None             # a single-file hub model: its keys are known once it is downloaded
         self.shards = sorted(set(self.weight_map.values())) if self.weight_map else ['model.safetensors']
 
-    def _hub(self, fn):
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                            OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
-        try: return fn()
-        except (OfflineModeIsEnabled, LocalEntryNotFoundError):
-            raise ValueError(f"{self.repo!r}: the hub cannot be reached (offline, or HF_HUB_OFFLINE=1) and the files are not "
-                             f"in the hub cache: convert with network, or from a local folder") from None
-        except GatedRepoError: raise ValueError(f"{self.repo!r} is gated on the hub: accept its license and log in (`hf auth login`)") from None
-        except (RepositoryNotFoundError, RevisionNotFoundError): raise ValueError(f"{self.repo!r}: no such model (or revision) on the hub") from None
-        except EntryNotFoundError as e: raise ValueError(f"{self.repo!r}: a file its index names is not in the repository ({e})") from None
-
     def fetch(self, shard: str) -> Path:
         if self.folder is not None: return self.folder / shard
         from huggingface_hub import hf_hub_download
-        path = Path(self._hub(lambda: hf_hub_download(self.repo, shard, revision=self.revision, local_dir=self.work / 'shards')))
+        path = Path(hub_call(self.repo, lambda: hf_hub_download(self.repo, shard, revision=self.revision, local_dir=self.work / 'shards'),
+                             remedy=_OFFLINE))
         check_safetensors_file(path)
         if self.weight_map is None:
             from safetensors import safe_open
@@ -258,12 +249,13 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
             for s in [s for s in fetched if all(done(u, s) for u, ss in need.items() if s in ss)]:
                 src.release(s); del fetched[s]
         bar.close()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in _tied_names(model) and unit_of(n) not in resumed]
+    tied = _tied_names(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in tied and unit_of(n) not in resumed]
     if missing: raise ValueError(f"the checkpoint of {name_or_path} lacks weights the model needs: {missing[:8]}")
     _copy_source_files(src.config_dir, out)
     index = {str(int(u.split('-')[1])): d['store'] for u, d in journal['done'].items() if d['store'] is not None}
     manifest = dict(format='moe_explained offloaded model', version=FORMAT_VERSION, source=source, options=options,
-                    tied=bool(_tied_names(model)))
+                    tied=bool(tied))
     _finish(out, index, [d['file'] for d in journal['done'].values()], manifest)
     shutil.rmtree(work, ignore_errors=True)
     if push_to_hub: upload(out, push_to_hub)
@@ -274,7 +266,7 @@ def _tied_names(model) -> set:
     tc = model.config.get_text_config()
     if not getattr(tc, 'tie_word_embeddings', getattr(model.config, 'tie_word_embeddings', False)): return set()
     out = model.get_output_embeddings()
-    return {n for n, m in model.named_modules() if m is out for n in (f'{n}.weight',)} if out is not None else set()
+    return set() if out is None else {f'{n}.weight' for n, m in model.named_modules() if m is out}
 
 def _check_attention(model, bits):
     "Refuse, before anything is written, attention weights hqq cannot quantize at `bits` in groups of 64."
@@ -344,9 +336,9 @@ def _resolve_converted(name_or_path, progress) -> Path:
     p = Path(str(name_or_path)).expanduser()
     from moe_explained.configs import _HUB_ID
     if p.exists() or not _HUB_ID.fullmatch(str(name_or_path)): return p
-    src = Source.__new__(Source); src.repo = str(name_or_path)
     from huggingface_hub import snapshot_download
-    return Path(src._hub(lambda: snapshot_download(src.repo)))
+    return Path(hub_call(str(name_or_path), lambda: snapshot_download(str(name_or_path)),
+                         remedy='download it once with network, or pass the converted folder'))
 
 def _empty_attention(model, bits, dtype, device):
     "Replace each attention `nn.Linear` by an empty hqq `HQQLinear`, to be filled from a saved state (no quantization)."

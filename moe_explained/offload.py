@@ -9,8 +9,9 @@ __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DA
            'HUB_FILES', 'SIZES', 'expert_params', 'dense_format', 'row_views', 'ExpertStore', 'expert_rows',
            'write_rows', 'write_store_index', 'drop_experts', 'ThreadCopier', 'CudaCopier', 'standard_eager',
            'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'top_k', 'moe_experts', 'resolve_device', 'offload',
-           'attach', 'resolve_model', 'check_safetensors', 'check_safetensors_file', 'load_offloaded', 'OffloadStats',
-           'offload_stats', 'moe_families', 'tiny_moe_config', 'FamilySkipped', 'tiny_family_model', 'check_family']
+           'attach', 'hub_call', 'resolve_model', 'check_safetensors', 'check_safetensors_file', 'load_offloaded',
+           'OffloadStats', 'offload_stats', 'moe_families', 'tiny_moe_config', 'FamilySkipped', 'tiny_family_model',
+           'check_family']
 
 # %% ../nbs/10_offload.ipynb #b4875e43
 import copy, inspect, json, math, os, re, shutil, warnings, zlib
@@ -660,6 +661,20 @@ def attach(model: nn.Module, store: ExpertStore, cache_size: int, device, prefet
 HUB_FILES = ['*.json', '*.safetensors', 'tokenizer*', '*.model', '*.tiktoken', '*.txt', '*.jinja']
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
+def hub_call(repo: str, fn, remedy: str = 'download it once with network, or pass a local folder'):
+    """`fn()`, a `huggingface_hub` download from the hub repository `repo`, with the hub's errors turned into one-line
+    ValueErrors that name the repository and what to do (`remedy`, when the hub cannot be reached). Every download of
+    the package goes through it: a model here, a conversion's shards and a memory plan's config.json (chapter 11)."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    try: return fn()
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):       # (a LocalEntryNotFoundError is an EntryNotFoundError too)
+        raise ValueError(f"{repo!r} is not a local folder, and it is not in the hub cache while the hub cannot be reached "
+                         f"(offline, or HF_HUB_OFFLINE=1): {remedy}") from None
+    except GatedRepoError: raise ValueError(f"{repo!r} is gated on the hub: accept its license and log in (`hf auth login`)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError): raise ValueError(f"{repo!r}: no such model (or revision) on the hub") from None
+    except EntryNotFoundError as e: raise ValueError(f"{repo!r}: a file it needs is not in the repository ({e})") from None
+
 def resolve_model(name_or_path, progress: bool = True) -> Path:
     """The local folder of a model: `name_or_path` itself if it is a folder, else a hub id (`owner/name`) downloaded
     with `huggingface_hub` — only the files a transformers model needs (`HUB_FILES`: configs, safetensors, tokenizer),
@@ -676,16 +691,8 @@ def resolve_model(name_or_path, progress: bool = True) -> Path:
     if not _HUB_ID.match(s) or s.startswith(('.', '/', '~')):
         raise ValueError(f"no such model folder: {p} (and {s!r} is not a hub id of the form owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-    try:
-        from tqdm.auto import tqdm
-        return Path(snapshot_download(s, allow_patterns=HUB_FILES, tqdm_class=tqdm if progress else None))
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
-        raise ValueError(f"{s!r} is not a local folder, and it is not in the hub cache while the hub cannot be reached "
-                         f"(offline, or HF_HUB_OFFLINE=1): download it once with network, or pass a local folder") from None
-    except GatedRepoError: raise ValueError(f"{s!r} is gated on the hub: accept its license and log in (`hf auth login`)") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError): raise ValueError(f"{s!r}: no such model on the hub") from None
+    from tqdm.auto import tqdm
+    return Path(hub_call(s, lambda: snapshot_download(s, allow_patterns=HUB_FILES, tqdm_class=tqdm if progress else None)))
 
 def check_safetensors(folder) -> list:
     """Check every safetensors file of a model folder before loading it: each file's header parses and its length

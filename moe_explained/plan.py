@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .moe import expert_weights
-from .offload import expert_params, moe_experts, top_k
+from .offload import expert_params, hub_call, moe_experts, top_k
 from .quant import SUPPORTED_BITS, attention_linears, expert_nbytes
 
 # %% ../nbs/11_memory_plan.ipynb #85b44bd4
@@ -75,12 +75,8 @@ def _config(model):
         s = str(model)
         if not (isinstance(model, str) and _HUB_ID.fullmatch(s)) or Path(s).exists(): raise
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
-    try: return load_config(hf_hub_download(s, 'config.json'))
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
-        raise ValueError(f"{s!r}: its config.json is not in the hub cache and the hub cannot be reached (offline, or "
-                         f"HF_HUB_OFFLINE=1)") from None
-    except (RepositoryNotFoundError, EntryNotFoundError): raise ValueError(f"{s!r}: no such model on the hub (or no config.json)") from None
+    return load_config(hub_call(s, lambda: hf_hub_download(s, 'config.json'),
+                                remedy='download its config.json once with network, or pass a local config.json'))
 
 def meta_model(config, dtype=None) -> nn.Module:
     "The causal LM of `config` (in `dtype`) with every parameter on the meta device: shapes without memory (a 47B model in seconds)."

@@ -446,3 +446,20 @@ def test_one_guess_per_layer_per_decode_step():
     m.generate(IDS[:1, :5], max_new_tokens=new, do_sample=False)
     first, *rest = sorted(calls)
     assert calls[first] == 0 and all(calls[l] == new - 1 for l in rest), calls   # the first token comes from the prefill
+
+
+def test_hub_errors_become_one_line_value_errors():
+    "Every download (a model, a conversion's shards, a plan's config.json) goes through hub_call: each hub error, named."
+    import re as _re
+    from huggingface_hub import errors as E
+    from moe_explained.offload import hub_call
+    def raising(cls):
+        def fn(): raise cls.__new__(cls)     # the HTTP errors want a response object; the class is what is tested
+        return fn
+    for cls, msg in ((E.OfflineModeIsEnabled, 'not in the hub cache while the hub cannot be reached'),
+                     (E.LocalEntryNotFoundError, 'not in the hub cache while the hub cannot be reached'),
+                     (E.GatedRepoError, 'is gated on the hub'), (E.RepositoryNotFoundError, 'no such model (or revision) on the hub'),
+                     (E.RevisionNotFoundError, 'no such model (or revision) on the hub'), (E.EntryNotFoundError, 'a file it needs')):
+        with pytest.raises(ValueError, match=_re.escape(msg)): hub_call('owner/name', raising(cls), remedy='do this')
+    with pytest.raises(ValueError, match='do this$'): hub_call('owner/name', raising(E.OfflineModeIsEnabled), remedy='do this')
+    assert hub_call('owner/name', lambda: 42) == 42
