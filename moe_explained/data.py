@@ -174,7 +174,8 @@ def train_tokenizer(corpus, vocab_size=4096, max_length=128):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((d.text for d in corpus.docs), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', pad_token='<pad>',
-                                   model_max_length=max_length, clean_up_tokenization_spaces=False)
+                                   model_max_length=max_length, clean_up_tokenization_spaces=False,
+                                   padding_side='left')   # a batch of prompts for a decoder-only model pads on the left
 
 # %% ../nbs/05_data.ipynb #c92254c5
 def tokenize_corpus(corpus, tokenizer):

@@ -124,7 +124,7 @@ class _EPLayer:
 
     def compute(self, e, x, w):
         if e not in self.local: raise RuntimeError(f"expert {e} was sent to a rank that does not hold it")
-        return run_one_expert(self.module, self.local[e], x, w)
+        return run_one_expert(self.module, self.local[e], x, w, e)
 
 def _ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     ep = self._moe_ep
@@ -351,10 +351,12 @@ def torchrun_command(task: str, world_size: int, out, timeout: float = 60, port=
 def _why(log: str) -> str:
     """The failure of a torchrun log in one line. A rank that died without a word comes first; then ranks that raised
     something other than a lost connection (the ranks waiting for a failed one fail too, each with a lost connection);
-    then the rank torchrun names as the root cause, with what it said."""
+    then the rank torchrun names as the root cause, with what it said. A rank that exited on SIGTERM without a word
+    was stopped by torchrun because another rank failed first — it is named only when no rank says anything."""
     said = dict(re.findall(r'moe_explained\.parallel: rank (\d+) failed: (.*)', log))
     exits = dict(re.findall(r'rank\s*:\s*(\d+)\s*\(local_rank.*?exitcode\s*:\s*(-?\d+)', log, re.S))
-    silent = [(r, c) for r, c in exits.items() if r not in said]
+    stopped = -signal.SIGTERM
+    silent = [(r, c) for r, c in exits.items() if r not in said and not (int(c) == stopped and said)]
     if silent:
         then = ''.join(f"; rank {r} then failed: {m.split('. ')[0]}" for r, m in said.items())
         return '; '.join(f'rank {r} exited with code {c} without a message' for r, c in silent) + then

@@ -6,7 +6,7 @@ Docs: https://moe-explained.github.io/moe_explained/memory_plan.html.md"""
 
 # %% auto #0
 __all__ = ['GiB', 'GB', 'GPUS', 'parse_bytes', 'host_available', 'pinned_nbytes', 'hqq_nbytes', 'meta_model', 'ModelSizes',
-           'model_sizes', 'MemoryPlan', 'plan_memory']
+           'model_sizes', 'MemoryPlan', 'converted_nbytes', 'plan_memory']
 
 # %% ../nbs/11_memory_plan.ipynb #c1948702
 import math, os, re, shutil
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .moe import expert_weights
-from .offload import expert_params, hub_call, moe_experts, top_k
+from .offload import ArgumentError, expert_params, hub_call, moe_experts, top_k
 from .quant import SUPPORTED_BITS, attention_linears, expert_nbytes
 
 # %% ../nbs/11_memory_plan.ipynb #85b44bd4
@@ -31,15 +31,15 @@ _UNITS = {'': 1, 'b': 1, 'kb': 10**3, 'mb': 10**6, 'gb': GB, 'tb': 10**12, 'kib'
 
 def parse_bytes(v, what: str = 'memory') -> int:
     "A byte count from an int, or a string like '16GB', '12.7 GiB', '512MiB', or a GPU name in `GPUS` ('T4')."
-    if isinstance(v, bool): raise ValueError(f"{what}={v!r} is not an amount of memory")
+    if isinstance(v, bool): raise ArgumentError(f"{{{what}}} is not an amount of memory", **{what: v})
     if isinstance(v, (int, float)):
-        if v < 0: raise ValueError(f"{what}={v!r} is negative")
+        if v < 0: raise ArgumentError(f"{{{what}}} is negative", **{what: v})
         return int(v)
     if isinstance(v, str):
         if v in GPUS: return int(GPUS[v])
         m = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*', v)
         if m and m[2].lower() in _UNITS: return int(float(m[1]) * _UNITS[m[2].lower()])
-    raise ValueError(f"{what}={v!r}: give bytes, a size like '16GB' or '12.7GiB', or one of the GPUs {list(GPUS)}")
+    raise ArgumentError(f"{{{what}}}: give bytes, a size like '16GB' or '12.7GiB', or one of the GPUs {', '.join(GPUS)}", **{what: v})
 
 def host_available() -> int:
     "Host RAM available to a new allocation without swapping (`MemAvailable` of /proc/meminfo, where Linux has it)."
@@ -121,13 +121,17 @@ def model_sizes(config) -> ModelSizes:
     total = sum(p.numel() for p in m.parameters())
     experts_total = sum(p.numel() for p in m.parameters() if id(p) in expert_ids)
     tc = config.get_text_config()
-    heads = getattr(tc, 'num_attention_heads', 1)
-    kv = getattr(tc, 'num_key_value_heads', None) or heads
-    hd = getattr(tc, 'head_dim', None) or tc.hidden_size // heads
     lt = getattr(tc, 'layer_types', None) or ['full_attention'] * tc.num_hidden_layers
     attn_layers = sum(1 for t in lt if 'attention' in str(t) and 'linear' not in str(t)) or tc.num_hidden_layers
+    try:
+        heads = getattr(tc, 'num_attention_heads', 1)
+        kv = getattr(tc, 'num_key_value_heads', None) or heads
+        hd = getattr(tc, 'head_dim', None) or tc.hidden_size // heads
+        kv_per_token = 2 * kv * hd * 2 * attn_layers
+    except Exception:      # head sizes that vary per layer (Gemma 4): the key and value projections' widths, summed
+        kv_per_token = 2 * sum(lin.out_features for n, lin in m.named_modules() if n.endswith(('self_attn.k_proj', 'self_attn.v_proj')))
     return ModelSizes(getattr(config, 'name_or_path', '') or type(m).__name__, [l for l, _ in mods], E, top_k(m), shapes, per_expert,
-                      attn, emb, total - experts_total - attn - emb, 2 * kv * hd * 2 * attn_layers, quantizable, attn_numels)
+                      attn, emb, total - experts_total - attn - emb, kv_per_token, quantizable, attn_numels)
 
 # %% ../nbs/11_memory_plan.ipynb #afb1f374
 @dataclass
@@ -160,12 +164,22 @@ class MemoryPlan:
         return '\n'.join(lines + [f'  note: {n}' for n in self.notes])
     __repr__ = __str__
 
+def _attention_nbytes(sizes, attn_bits, dtype_bytes: int = 2) -> int:
+    "Bytes of attention's linear layers: 16-bit, or each quantized by the hqq library at `attn_bits` in groups of 64."
+    if attn_bits is None: return sizes.attention * dtype_bytes
+    return sum(hqq_nbytes(n, attn_bits, 64, dtype_bytes) for n in sizes.attention_numels)
+
+def converted_nbytes(sizes, experts_bits, attn_bits, group_size: int = 16, dtype_bytes: int = 2) -> int:
+    """Bytes of a converted model folder (`convert`, part 2): the expert store — every expert of every MoE layer, dense
+    (`experts_bits=None`) or packed — and the other weights (embeddings, attention at `attn_bits`, everything else)."""
+    store = len(sizes.moe_layers) * sizes.experts * sizes.expert_nbytes(experts_bits, group_size, dtype_bytes)
+    return store + (sizes.embeddings + sizes.other) * dtype_bytes + _attention_nbytes(sizes, attn_bits, dtype_bytes)
+
 def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, budget, dtype_bytes, device_reserve,
           host_reserve, shard_bytes, pin_host: bool = True) -> MemoryPlan:
     L, E = len(sizes.moe_layers), sizes.experts
     nb = sizes.expert_nbytes(experts_bits, group_size, dtype_bytes)
-    attn = (sizes.attention * dtype_bytes if attn_bits is None else
-            sum(hqq_nbytes(n, attn_bits, 64, dtype_bytes) for n in sizes.attention_numels))
+    attn = _attention_nbytes(sizes, attn_bits, dtype_bytes)
     attn_name = 'attention, 16-bit' if attn_bits is None else f'attention, {attn_bits}-bit HQQ (g64: + scale and zero per 64 weights)'
     device = {f'embeddings + LM head, {8 * dtype_bytes}-bit ({sizes.embeddings / 1e6:,.0f}M)': sizes.embeddings * dtype_bytes,
               f'{attn_name} ({sizes.attention / 1e6:,.0f}M)': attn,
@@ -184,7 +198,7 @@ def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, bu
     host = {'Python, torch, CUDA libraries, tokenizer (reserve)': host_reserve,
             f'expert store in RAM{rounded}: {resident} of {L} layers': resident * held}
     if store != 'memory' and bounce: host['pinned bounce buffer for rows read from disk'] = bounce
-    rest = sum(v for k, v in device.items() if not k.startswith(('expert slots', 'staging', 'KV', 'activations')))
+    rest = converted_nbytes(sizes, experts_bits, attn_bits, group_size, dtype_bytes) - store_bytes
     disk = {f'expert store (experts.bin): {L} x {E} x {_fmt(nb).strip()}': store_bytes,
             'other weights (weights-*.safetensors)': rest,
             'while converting only: 2 downloaded shards': 2 * shard_bytes}
@@ -201,25 +215,27 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
     or a GPU name ('T4'). Nothing is allocated. Raises ValueError naming what to change when no plan fits."""
     if device_memory is None:
         if not torch.cuda.is_available():
-            raise ValueError("no CUDA device here: pass device_memory= (bytes, '16GB', or a GPU name such as 'T4') to plan for one")
+            raise ArgumentError("no CUDA device here: give {device_memory:name} (bytes, '16GB', or a GPU name such as T4) to plan for one",
+                                device_memory=None)
         device_memory = torch.cuda.mem_get_info()[0]
     budget = dict(device=parse_bytes(device_memory, 'device_memory'),
                   host=parse_bytes(host_available() if host_memory is None else host_memory, 'host_memory'),
                   disk=parse_bytes(shutil.disk_usage(folder).free if disk_memory is None else disk_memory, 'disk_memory'))
     if experts_bits not in SUPPORTED_BITS or isinstance(experts_bits, bool):
-        raise ValueError(f"experts_bits={experts_bits!r} is not supported; choose one of {SUPPORTED_BITS}")
+        raise ArgumentError(f"{{experts_bits}} is not supported; choose one of {SUPPORTED_BITS}", experts_bits=experts_bits)
     if attn_bits == 'auto': attn_list = [4, 3, 2]
     elif attn_bits is None or (attn_bits in SUPPORTED_BITS and not isinstance(attn_bits, bool)): attn_list = [attn_bits]
-    else: raise ValueError(f"attn_bits={attn_bits!r}: choose one of {SUPPORTED_BITS}, None (16-bit) or 'auto'")
+    else: raise ArgumentError(f"{{attn_bits}}: choose one of {SUPPORTED_BITS}, None (16-bit) or 'auto'", attn_bits=attn_bits)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens!r} must be a positive int (the longest prompt + reply, for the KV cache)")
+        raise ArgumentError("{max_tokens} must be a positive int (the longest prompt + reply, for the KV cache)", max_tokens=max_tokens)
     sizes = model_sizes(model)
     if not sizes.quantizable:
         raise ValueError(f"{sizes.name}: its experts have a layout chapter 07's quantizer does not handle, so they cannot be "
                          f"stored at {experts_bits} bits")
     E = sizes.experts
     if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 1 <= cache_size <= E):
-        raise ValueError(f"cache_size={cache_size!r} is out of range: need an int with 1 <= cache_size <= {E}, the experts per layer")
+        raise ArgumentError(f"{{cache_size}} is out of range: need an int with 1 <= {{cache_size:name}} <= {E}, the experts per layer",
+                            cache_size=cache_size)
     args = (group_size, max_tokens, budget, dtype_bytes, parse_bytes(device_reserve, 'device_reserve'),
             parse_bytes(host_reserve, 'host_reserve'), parse_bytes(shard_bytes, 'shard_bytes'))
     best = None
@@ -229,9 +245,9 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
             if best is None: best = p
             if p.total('device') <= budget['device']:
                 if p.total('disk') > budget['disk']:
-                    raise ValueError(f"no memory plan fits: the converted model needs {_fmt(p.total('disk')).strip()} of disk "
-                                     f"(with 2 shards while converting), {folder} has {_fmt(budget['disk']).strip()} free: free "
-                                     f"some, convert into another folder, or lower experts_bits\n{p}")
+                    raise ArgumentError(f"no memory plan fits: the converted model needs {_fmt(p.total('disk')).strip()} of disk "
+                                        f"(with 2 shards while converting), {folder} has {_fmt(budget['disk']).strip()} free: free "
+                                        f"some, convert into another folder, or lower {{experts_bits:name}}\n{p}", experts_bits=experts_bits)
                 if c < sizes.k: p.notes.append(f"cache {c} < {sizes.k} experts per token: every token misses at least {sizes.k - c} per layer")
                 if p.store != 'memory':
                     p.notes.append(f"{len(sizes.moe_layers) - p.resident_layers} layers' experts are read from disk when "
@@ -239,8 +255,9 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
                 return p
             best = p
     need = best.total('device') - budget['device']
-    raise ValueError(f"no memory plan fits the device: even with attn_bits={best.attn_bits} and cache_size={best.cache_size} it "
-                     f"needs {_fmt(best.total('device')).strip()}, {_fmt(need).strip()} more than the "
-                     f"{_fmt(budget['device']).strip()} it has. Change: a device with more memory, fewer max_tokens "
-                     f"(the KV cache takes {_fmt(max_tokens * sizes.kv_per_token).strip()}), a smaller device_reserve, "
-                     f"or fewer experts_bits\n{best}")
+    raise ArgumentError(f"no memory plan fits the device: even with {{attn_bits|best_attn}} and {{cache_size|one}} it "
+                        f"needs {_fmt(best.total('device')).strip()}, {_fmt(need).strip()} more than the "
+                        f"{_fmt(budget['device']).strip()} it has. Change: a device with more memory, fewer {{max_tokens:name}} "
+                        f"(the KV cache takes {_fmt(max_tokens * sizes.kv_per_token).strip()}), a smaller device_reserve, "
+                        f"or fewer {{experts_bits:name}}\n{best}", attn_bits=attn_bits, best_attn=best.attn_bits,
+                        cache_size=cache_size, one=best.cache_size, max_tokens=max_tokens, experts_bits=experts_bits)

@@ -273,7 +273,7 @@ def test_bad_input(saved, tmp_path):
     with pytest.raises(ValueError, match=r'attn_bits=16 is not supported'): load_offloaded(saved, attn_bits=16, progress=False)
     with pytest.raises(ValueError, match="miss='gpu'"): load_offloaded(saved, miss='gpu', progress=False)
     with pytest.raises(ValueError, match='needs the future'): load_offloaded(saved, policy='Belady', progress=False)
-    with pytest.raises(ValueError, match="store='disk' needs offload_folder"): load_offloaded(saved, store='disk', progress=False)
+    with pytest.raises(ValueError, match="offload_folder is for store='disk'"): load_offloaded(saved, offload_folder=tmp_path / 's', progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA was requested'): load_offloaded(saved, device='cuda', progress=False)
 
@@ -346,7 +346,7 @@ def test_cli_generate_options_and_errors(capsys, tmp_path):
     assert rc == 0, err
     assert 'prefetch off' in out and 'misses: host' in out and (tmp_path / 'experts.bin').exists()
     rc, out, err = _run(['generate', 'x', '--cache-size', '9'], capsys)
-    assert rc == 2 and 'cache_size=9 is out of range' in err and 'Traceback' not in err
+    assert rc == 2 and '--cache-size 9 is out of range: need 1 <= --cache-size <= 8' in err and 'Traceback' not in err
     rc, out, err = _run(['generate', 'x', '--model', str(tmp_path / 'nope')], capsys)
     assert rc == 2 and 'no such model folder' in err
 
@@ -364,7 +364,13 @@ def test_cli_generate_chat_template(capsys, tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     rc, out, err = _run(['generate', 'And God said', '--chat', '--max-new-tokens', '3', '--model', str(folder)], capsys)
     assert rc == 0, err
-    assert out.startswith('<user> And God said\n<assistant>') and '3 tokens in' in out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, ref = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{'role': 'user', 'content': 'And God said'}], add_generation_prompt=True,
+                                  return_tensors='pt', return_dict=True)['input_ids']
+    new = ref.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert out.split('\n\n3 tokens in')[0] == tok.decode(new, skip_special_tokens=True)   # the reply only, not the template
+    assert '<user>' not in out and '3 tokens in' in out
 
 
 @pytest.mark.parametrize('arch', ['mixtral', 'qwen3_moe'])

@@ -19,6 +19,17 @@ def test_ep_equals_one_process_and_transformers_ep_runs():
         else: assert t['error'], t                                      # 8 experts do not split over 3 ranks for it: said why
 
 
+def test_a_rank_stopped_by_torchrun_is_not_the_cause():
+    "torchrun stops the other ranks with SIGTERM once one fails: the rank that said why is the cause, not the stopped one."
+    from moe_explained.parallel import _why
+    log = ("moe_explained.parallel: rank 1 failed: RuntimeError: rank 1 was told to fail\n"
+           "[0]:\n  time : x\n  rank : 0 (local_rank: 0)\n  exitcode : -15 (pid: 1)\n"
+           "Root Cause (first observed failure):\n[1]:\n  rank : 1 (local_rank: 1)\n  exitcode : 1 (pid: 2)\n")
+    assert _why(log) == 'rank 1 failed: RuntimeError: rank 1 was told to fail'
+    silent = "[0]:\n  rank : 0 (local_rank: 0)\n  exitcode : -15 (pid: 1)\n[1]:\n  rank : 1 (local_rank: 1)\n  exitcode : 17 (pid: 2)\n"
+    assert _why(silent).startswith('rank 0 exited with code -15 without a message; rank 1 exited with code 17')
+
+
 def test_failures_are_reported_and_nothing_hangs():
     import time
     for task, said in (('fail', 'rank 1 failed: RuntimeError: rank 1 was told to fail'), ('die', 'rank 1 exited with code 17 without a message')):
@@ -29,13 +40,18 @@ def test_failures_are_reported_and_nothing_hangs():
 
 
 def _workers_alive() -> list:
-    "Processes still running `-m moe_explained.parallel` (Linux /proc)."
+    """Processes still running `-m moe_explained.parallel` that this test process launched (Linux /proc): `launch` marks
+    them with `MOE_EXPLAINED_LAUNCH=<its pid>-...`, so another test process's ranks (pytest -n 2) are not counted."""
+    import os
     from pathlib import Path
-    alive = []
+    alive, mine = [], f'MOE_EXPLAINED_LAUNCH={os.getpid()}-'.encode()
     for p in Path('/proc').glob('[0-9]*'):
-        try: cmd = (p / 'cmdline').read_bytes().split(b'\0')
+        try:
+            cmd = (p / 'cmdline').read_bytes().split(b'\0')
+            env = (p / 'environ').read_bytes().split(b'\0')
+            state = (p / 'stat').read_text().split()[2]
         except OSError: continue
-        if b'moe_explained.parallel' in cmd and (p / 'stat').read_text().split()[2] != 'Z': alive.append(p.name)
+        if b'moe_explained.parallel' in cmd and any(v.startswith(mine) for v in env) and state != 'Z': alive.append(p.name)
     return alive
 
 
