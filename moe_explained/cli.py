@@ -118,8 +118,8 @@ def _count(n: float) -> str: return _scaled(n, ((1e9, 'B'), (1e6, 'M'), (1e3, 'K
 def _bytes(n: float) -> str: return _scaled(n, ((1e9, ' GB'), (1e6, ' MB'), (1e3, ' kB')), ' bytes')
 def _flops(n: float) -> str: return _scaled(n, ((1e9, ' GFLOPs'), (1e6, ' MFLOPs'), (1e3, ' kFLOPs')), ' FLOPs')
 
-def format_params(pc: 'ParamCount', n_ctx: int = 4096, bits=(16, 8, 4, 3, 2), source: str = '') -> str:
-    "The text report of `moe-explained params`: parts, total, active, FLOPs per token, weight memory."
+def format_params(pc, n_ctx: int = 4096, bits=(16, 8, 4, 3, 2), source: str = '') -> str:
+    "The text report of `moe-explained params` for a `ParamCount` `pc` (chapter 00): parts, total, active, FLOPs per token, weight memory."
     moe = (f', {pc.n_moe_layers} MoE layers: E={pc.n_experts} experts of d_ff {pc.d_ff_expert}, top-k {pc.top_k}'
            if pc.n_moe_layers else f', d_ff {pc.d_ff}')
     lines = [f'{pc.name}  ({pc.model_type}{"; " + source if source else ""})',
@@ -164,9 +164,11 @@ _n_ctx = _int_at_least('n-ctx', 0)
             arg('--json', action='store_true', help='print JSON instead of text'))
 def params(args) -> int:
     "Print the breakdown of `args.model`."
-    from moe_explained.dense import count_params
+    from moe_explained.dense import ParamCount, count_params
+    from moe_explained.plan import SHIPPED
     name, d = resolve_config(args.model)
-    pc = count_params(d, name=name)
+    shipped = json.loads(SHIPPED.read_text()).get(name) if name in CONFIGS else None
+    pc = ParamCount(**shipped['counts']) if shipped else count_params(d, name=name)   # a shipped model: counted already
     if args.json:
         out = dict(name=pc.name, model_type=pc.model_type, **pc.breakdown(), n_ctx=args.n_ctx,
                    flops_per_token=pc.flops_per_token(args.n_ctx),
@@ -180,11 +182,12 @@ def params(args) -> int:
 
 @subcommand('models', 'list the shipped model configs')
 def models(args) -> int:
-    "Print the shipped configs with their total and active parameters."
-    from moe_explained.dense import count_params
+    "Print the shipped configs with their total and active parameters (chapter 00's counts, stored with the package)."
+    from moe_explained.plan import SHIPPED
+    table = json.loads(SHIPPED.read_text())
     for name in CONFIGS:
-        pc = count_params(name)
-        print(f'{name:<18}{pc.model_type:<13}{_count(pc.total):>10} total {_count(pc.active):>10} active   {SOURCES[name][0]}')
+        pc = table[name]
+        print(f"{name:<18}{pc['model_type']:<13}{_count(pc['total']):>10} total {_count(pc['active']):>10} active   {SOURCES[name][0]}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #7c7bfe0c
@@ -217,7 +220,8 @@ def load_model(args):
     without one is refused before any weight is read), then the model offloaded — a converted folder as it is (`load_converted`),
     anything else through `load_offloaded` (`--experts-bits 0` / `--attn-bits 0` keep the weights as they are)."""
     from moe_explained import offload
-    from moe_explained.offload import ArgumentError, resolve_model
+    from moe_explained.errors import ArgumentError
+    from moe_explained.offload import resolve_model
     path = resolve_model(args.model)
     from transformers import AutoConfig, AutoTokenizer
     try: AutoConfig.from_pretrained(path)
@@ -339,7 +343,7 @@ def convert(args) -> int:
     "Convert `args.source` into `args.out` and print where it is and how to run it."
     import torch
     from moe_explained.convert import convert as run
-    from moe_explained.offload import ArgumentError
+    from moe_explained.errors import ArgumentError
     if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ArgumentError("{dtype} is not a torch dtype (try float16, bfloat16 or float32)", dtype=args.dtype)
     out = run(args.source, args.out, experts_bits=args.experts_bits or None, attn_bits=args.attn_bits or None,

@@ -9,12 +9,11 @@ __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DA
            'OFFLOAD_IMPL', 'MISS_MODES', 'K_FIELDS', 'PROBE_IMPL', 'HUB_FILES', 'SIZES', 'FAMILY_TABLE', 'OUTCOMES',
            'expert_params', 'dense_format', 'row_views', 'ExpertStore', 'expert_rows', 'write_rows',
            'write_store_index', 'partial_file', 'folder_lock', 'store_folder', 'drop_experts', 'ThreadCopier',
-           'CudaCopier', 'standard_eager', 'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'python_spelling',
-           'ArgumentError', 'top_k', 'decorated_forward', 'interface_problem', 'moe_experts', 'resolve_device',
-           'offload', 'temporary_store', 'attach', 'hub_call', 'resolve_model', 'check_safetensors',
-           'check_safetensors_file', 'load_offloaded', 'OffloadStats', 'offload_stats', 'moe_families',
-           'tiny_moe_config', 'FamilySkipped', 'tiny_family_model', 'check_family', 'expected_families',
-           'family_verdict']
+           'CudaCopier', 'standard_eager', 'run_one_expert', 'OffloadedExperts', 'OffloadEngine', 'top_k',
+           'decorated_forward', 'interface_problem', 'moe_experts', 'resolve_device', 'offload', 'temporary_store',
+           'attach', 'hub_call', 'resolve_model', 'check_safetensors', 'check_safetensors_file', 'load_offloaded',
+           'OffloadStats', 'offload_stats', 'moe_families', 'tiny_moe_config', 'FamilySkipped', 'tiny_family_model',
+           'check_family', 'expected_families', 'family_verdict']
 
 # %% ../nbs/10_offload.ipynb #b4875e43
 import contextlib, copy, importlib.resources, inspect, json, math, os, re, shutil, tempfile, time, warnings, zlib
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import CacheStats, ExpertCache, POLICIES, Policy
+from .errors import ArgumentError
 from .moe import expert_weights
 from .quant import (SUPPORTED_BITS, expert_nbytes, expert_views, pack_expert, quantize_attention,
                                  quantized_expert_output, read_expert)
@@ -671,28 +671,6 @@ class OffloadEngine:
         self.copier.close()
 
 # %% ../nbs/10_offload.ipynb #899524b7
-def python_spelling(name: str, value=None, bare: bool = False) -> str:
-    "An argument as Python code spells it: `cache_size=9`, or the bare name."
-    return name if bare else f'{name}={value!r}'
-
-class ArgumentError(ValueError):
-    """A bad argument, or a remedy that names one, said in the caller's own terms. In `template`, `{cache_size}` stands
-    for the argument `cache_size` with the value `values` gives it, `{device|cpu}` for the argument `device` with the
-    value `values['cpu']` (a remedy), and `{cache_size:name}` for the bare name; other text, braces included, is left as
-    it is. `str(e)` spells arguments as Python does (`cache_size=9 is out of range`); `e.render(spell)` lets the command
-    line spell them as the flags the user typed (`--cache-size 9 is out of range`)."""
-    def __init__(self, template: str, **values):
-        self.template, self.values = template, values
-        super().__init__(self.render(python_spelling))
-
-    def render(self, spell) -> str:
-        "The message with each argument spelled by `spell(name, value, bare)`."
-        def one(m):
-            name, alt, bare = m[1], m[2] or m[1], bool(m[3])
-            if alt not in self.values: return m[0]
-            return spell(name, self.values[alt], bare)
-        return re.sub(r'\{(\w+)(?:\|(\w+))?(:name)?\}', one, self.template)
-
 K_FIELDS = ('num_experts_per_tok', 'moe_topk', 'moe_k', 'top_k_experts')   # what families call k in their configs
 
 def top_k(model: nn.Module) -> int:

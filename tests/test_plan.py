@@ -80,3 +80,29 @@ def _dense_config():
 def test_units_parse():
     assert parse_bytes('16GB') == 16 * 10**9 and parse_bytes('12.5GiB') == int(12.5 * GiB) and parse_bytes(1024) == 1024
     assert parse_bytes('T4') == int(14.3 * GiB)
+
+
+def test_the_shipped_table_is_what_the_installed_transformers_computes():
+    """`data/shipped.json` (what `models`, `params` and a plan of a shipped model read without loading transformers)
+    equals chapter 00's counts and `model_sizes` recomputed now; `write_shipped_table()` rewrites it if not."""
+    import json
+    from dataclasses import asdict
+    from moe_explained.plan import SHIPPED, shipped_sizes, shipped_table
+    from moe_explained.quant import SUPPORTED_BITS
+    stored = json.loads(SHIPPED.read_text())
+    assert stored == json.loads(json.dumps(shipped_table())), 'data/shipped.json is stale: run moe_explained.plan.write_shipped_table()'
+    for name, entry in stored.items():
+        if entry['sizes'] is None: continue
+        sizes = shipped_sizes(name)
+        assert asdict(sizes) == asdict(model_sizes(name)) and sizes == model_sizes(name)
+        assert sorted(int(b) for b in sizes.row_nbytes) == sorted(SUPPORTED_BITS)
+
+
+def test_a_plan_from_the_table_equals_one_from_transformers():
+    from moe_explained.plan import model_sizes, shipped_name, shipped_sizes
+    assert shipped_name('Mixtral-8x7B') == shipped_name('mistralai/mixtral-8x7b-v0.1') == 'mixtral-8x7b'
+    assert shipped_name('nobody/nothing') is None and shipped_sizes('llama-2-7b') is None
+    from moe_explained.configs import get_config
+    fast = plan_memory('qwen3-30b-a3b', 'L4', '32GB', '200GB')
+    slow = plan_memory(get_config('qwen3-30b-a3b'), 'L4', '32GB', '200GB')     # a dict: counted on the meta device
+    assert str(fast).split('\n', 1)[1] == str(slow).split('\n', 1)[1] and fast.cache_size == slow.cache_size

@@ -521,12 +521,15 @@ def test_experts_bits_0_keeps_them_in_every_command(tmp_path, capsys):
     assert rc == 0 and json.loads((tmp_path / 'dense' / MANIFEST).read_text())['options']['experts_bits'] is None
 
 
-def test_commands_that_need_no_model_do_not_import_torch():
-    "`--help`, `models`, `params` and `plan` of a shipped config start without torch or transformers (their speed: benchmarks/bench_startup.py)."
-    for argv in (['--help'], ['models'], ['params', 'mixtral-8x7b'], ['plan', 'mixtral-8x7b', '--device-memory', 'T4',
-                                                                       '--host-memory', '12.7GB', '--disk-memory', '80GB']):
-        code = (f"import sys\nfrom moe_explained.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+def test_commands_that_need_no_model_load_no_model_library():
+    """`--help`, `models` and `plan` of a shipped config start without torch, transformers or hqq; `params` of one
+    without transformers or hqq (chapter 00's `ParamCount` lives beside the torch module `SwiGLU`). Their wall times are
+    measured by benchmarks/bench_startup.py, not here."""
+    cases = {('--help',): [], ('models',): [], ('params', 'mixtral-8x7b'): ['torch'],
+             ('plan', 'mixtral-8x7b', '--device-memory', 'T4', '--host-memory', '12.7GB', '--disk-memory', '80GB'): []}
+    for argv, allowed in cases.items():
+        code = (f"import sys\nfrom moe_explained.cli import main\ntry: main({list(argv)!r})\nexcept SystemExit: pass\n"
                 f"print(sorted(m for m in ('torch', 'transformers', 'hqq') if m in sys.modules))")
         res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=300)
         assert res.returncode == 0, res.stderr
-        assert res.stdout.strip().splitlines()[-1] == '[]', (argv, res.stdout[-300:])
+        assert res.stdout.strip().splitlines()[-1] == str(allowed), (argv, res.stdout[-300:])
