@@ -52,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 def flag_spelling(parser: argparse.ArgumentParser):
     """`spell(name, value, bare)` for `ArgumentError.render`: a library argument as the options of `parser` spell it —
     `cache_size=9` as `--cache-size 9`, `overwrite=True` as `--overwrite`, `prefetch=False` as `--no-prefetch`,
-    `experts_bits=None` as `--experts-bits 0`, a positional by its name (`OUT`); an argument with no option, as Python does."""
+    `experts_bits=None` as `--experts-bits 0`, a positional by its name and value (`OUT mixtral-2bit`); an argument with no option, as Python does."""
     actions = {a.python: a for a in parser._actions if getattr(a, 'python', None)}
     def spell(name, value, bare=False):
         a = actions.get(name)
         if a is None: return name if bare else f'{name}={value!r}'
-        if not a.option_strings: return (a.metavar or a.dest).upper()
+        if not a.option_strings:                                   # a positional: its name, and what was given
+            meta = (a.metavar or a.dest).upper()
+            return meta if bare or value is None else f'{meta} {value}'
         flag = next((o for o in a.option_strings if o.startswith('--')), a.option_strings[0])
         if bare: return flag
         if isinstance(a, argparse.BooleanOptionalAction): return flag if value else f'--no-{flag[2:]}'

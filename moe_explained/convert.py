@@ -333,8 +333,8 @@ def _convert_units(model, src, mods, journal, journal_file, out, experts_bits, a
         for parent, i in units.get(u, []): parent[i] = nn.Identity()
     with open(store_path, 'ab'): pass
     if store_path.stat().st_size < journal['store_bytes']:
-        raise ValueError(f"{store_path} is shorter than the interrupted conversion's journal says: the folder was damaged; "
-                         f"start over with overwrite=True")
+        raise ArgumentError(f"{store_path} is shorter than the interrupted conversion's journal says: the folder was damaged; "
+                            f"start over with {{overwrite|yes}}", overwrite=False, yes=True)
     first = src.fetch(src.shards[0]) if src.weight_map is None else None
     need = {}
     for k, shard in src.weight_map.items(): need.setdefault(unit_of(k), set()).add(shard)

@@ -36,3 +36,16 @@ def project_copy(tmp_path):
     shutil.copytree(ROOT / "moe_explained", tmp_path / "moe_explained",
                     ignore=shutil.ignore_patterns("__pycache__", "models"))
     return tmp_path
+
+
+import pytest
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+    "A tiny Mixtral in the hub layout: sharded safetensors (layers straddle shards) and an index."
+    from helpers import tiny_mixtral_model
+    d = tmp_path_factory.mktemp('hub') / 'repo'
+    tiny_mixtral_model().save_pretrained(d, max_shard_size='60KB')
+    assert len(list(d.glob('*.safetensors'))) > 4
+    return d

@@ -28,3 +28,12 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default: self.reads += 1
         return func(*args, **(kwargs or {}))
+
+
+def tiny_mixtral_model(num_layers: int = 4, E: int = 6):
+    "A tiny random Mixtral (hidden 64, vocabulary 128, top-2), seeded: what the conversion tests stream from a hub layout."
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=E, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(cfg).eval()

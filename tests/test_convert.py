@@ -5,25 +5,12 @@ import pytest
 import torch
 
 import moe_explained.convert as C
+from helpers import tiny_mixtral_model
 from moe_explained.convert import MANIFEST, convert, load_converted, read_manifest, save_offloaded
 from moe_explained.offload import load_offloaded, offload_stats
 
 
-def _tiny(num_layers=4, E=6):
-    from transformers import MixtralConfig, MixtralForCausalLM
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=E, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    return MixtralForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope='module')
-def hub(tmp_path_factory):
-    "A tiny Mixtral in the hub layout: sharded safetensors (layers straddle shards) and an index."
-    d = tmp_path_factory.mktemp('hub') / 'repo'
-    _tiny().save_pretrained(d, max_shard_size='60KB')
-    assert len(list(d.glob('*.safetensors'))) > 4
-    return d
+_tiny = tiny_mixtral_model
 
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_explained.convert as C
+from helpers import tiny_mixtral_model
 import moe_explained.offload as O
 from moe_explained.cli import main
 from moe_explained.convert import convert, load_converted, save_offloaded, verify
@@ -17,22 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
        'PYTHONPATH': os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH')) if p)}
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def _tiny(num_layers=4, E=6):
-    from transformers import MixtralConfig, MixtralForCausalLM
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=E, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    return MixtralForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope='module')
-def hub(tmp_path_factory):
-    "A tiny Mixtral in the hub layout: sharded safetensors (layers straddle shards) and an index."
-    d = tmp_path_factory.mktemp('hub') / 'repo'
-    _tiny().save_pretrained(d, max_shard_size='60KB')
-    return d
+_tiny = tiny_mixtral_model   # the `hub` fixture (conftest.py) holds it in the hub layout
 
 
 @pytest.fixture(scope='module')
