@@ -29,3 +29,20 @@ def test_bench_offload_gpu_runs_on_cpu_at_a_tiny_shape(tmp_path):
     assert len(r['results']) == 8 and r['env']['h2d_bytes_per_s'] > 0
     for v in r['results'].values():
         assert 0 <= v['hit_rate'] <= 1 and v['bytes_per_token'] >= 0 and v['tokens_per_s'] > 0
+
+
+def test_bench_crc_and_startup_quick(tmp_path):
+    "The CRC-cost and startup benchmarks run (smoke mode) and write what chapters 10 and 90 read."
+    for script, keys in (('bench_crc.py', {'env', 'micro', 'crc_over_copy', 'engine_tiny_model'}),
+                         ('bench_startup.py', {'env', 'target_seconds', 'results'})):
+        out = tmp_path / script.replace('.py', '.json')
+        res = subprocess.run([sys.executable, f'benchmarks/{script}', '--quick', '--out', str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        r = json.loads(out.read_text())
+        assert keys <= set(r), (script, set(r))
+    crc = json.loads((tmp_path / 'bench_crc.json').read_text())
+    assert all(v['gib_per_s'] > 0 for v in crc['micro'].values())
+    assert 0 < crc['engine_tiny_model']['checked_bytes'] <= crc['engine_tiny_model']['store_bytes']
+    startup = json.loads((tmp_path / 'bench_startup.json').read_text())
+    assert set(startup['results']['current']) == {'--help', 'models', 'params', 'plan'}
