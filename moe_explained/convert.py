@@ -6,8 +6,8 @@ Docs: https://moe-explained.github.io/moe_explained/real_models.html.md"""
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'WORK', 'SOURCE_FILES', 'unit_of', 'Source', 'load_unit', 'file_crc32', 'conversion_files',
-           'convert', 'params_on_meta', 'read_manifest', 'verify', 'load_converted', 'save_offloaded', 'upload',
-           'realign', 'check_conversion']
+           'own_files', 'convert', 'params_on_meta', 'read_manifest', 'verify', 'load_converted', 'save_offloaded',
+           'upload', 'realign', 'check_conversion']
 
 # %% ../nbs/11_real_models.ipynb #ae10ce5a
 import contextlib, copy, json, os, re, shutil, warnings, zlib
@@ -199,6 +199,15 @@ def conversion_files(out: Path) -> tuple:
         (ours if own else others).append(p.name)
     return ours, others
 
+def own_files(folder: Path, arg: str, into: str) -> list:
+    """The names in `folder` that are ours (`conversion_files`); a folder holding anything else is refused, naming the
+    argument `arg` it came from and what to do `into` instead ('convert into', 'save into')."""
+    ours, others = conversion_files(folder)
+    if others:
+        raise ArgumentError(f"{{{arg}}} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), which "
+                            f"this package never replaces: {into} a new or empty folder", **{arg: str(folder)})
+    return ours
+
 def _remove(out: Path, names):
     "Delete `names` (ours, by `conversion_files`) from `out`; the work folder with everything in it."
     for n in names:
@@ -245,10 +254,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
         raise ArgumentError("{out} is the source folder: convert into another folder", out=str(out))
     if given.is_dir() and out.resolve() in given.resolve().parents:
         raise ArgumentError(f"{{out}} holds the source {given}: convert into another folder", out=str(out))
-    others = conversion_files(out)[1]
-    if others:
-        raise ArgumentError(f"{{out}} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), "
-                            f"which a conversion never replaces: convert into a new or empty folder", out=str(out))
+    own_files(out, 'out', 'convert into')
     src = Source(name_or_path, work, revision, progress)        # checks the source before anything is written
     from transformers import AutoConfig
     try: config = AutoConfig.from_pretrained(src.config_dir)
@@ -266,8 +272,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     options = _options(experts_bits, attn_bits, group_size, meta_bits, dtype)
     source = dict(path=str(src.folder.resolve()) if src.folder else None, repo=src.repo, revision=revision)
     with folder_lock(out):
-        ours, others = conversion_files(out)                   # again, now that no other writer can change them
-        if others: raise ArgumentError(f"{{out}} holds other files ({', '.join(others[:5])}): convert into a new or empty folder", out=str(out))
+        ours = own_files(out, 'out', 'convert into')           # again, now that no other writer can change them
         if (out / MANIFEST).exists() and not overwrite:
             try: done = json.loads((out / MANIFEST).read_text())
             except (UnicodeDecodeError, json.JSONDecodeError): done = {}
@@ -276,7 +281,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
                 return out
             raise ArgumentError(f"{{out}} already holds a converted model ({MANIFEST}); load it with load_converted, or pass "
                                 f"{{overwrite|yes}} to replace it", out=str(out), overwrite=False, yes=True)
-        if overwrite: _remove(out, [n for n in ours if n != LOCK])
+        if overwrite: _remove(out, ours)
         journal_file = work / 'journal.json'
         journal = _read_journal(journal_file)
         if journal is not None and (journal['options'] != options or journal['source'] != source):
@@ -375,10 +380,12 @@ def _convert_units(model, src, mods, journal, journal_file, out, experts_bits, a
                 src.release(s); del fetched[s]
 
 def _save_tensors(state: dict, path: Path):
-    "Save tensors as safetensors under a temporary name, renamed when complete."
+    "Save tensors as safetensors under a temporary name, synced and renamed when complete (as `partial_file` does)."
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + '.partial')
-    try: save_file(state, tmp, metadata=dict(format='pt'))
+    try:
+        save_file(state, tmp, metadata=dict(format='pt'))
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
     except BaseException: tmp.unlink(missing_ok=True); raise
     os.replace(tmp, path)
 
@@ -600,14 +607,11 @@ def save_offloaded(model: nn.Module, path, tokenizer=None, progress: bool = True
     if st.path is not None and not st.temporary and path.exists() and st.path.resolve() == path.resolve():
         raise ArgumentError("{path} is the folder this model's experts are memory-mapped from: save into another folder", path=str(path))
     if path.exists() and not path.is_dir(): raise ArgumentError("{path} is a file: save into a folder", path=str(path))
-    others = conversion_files(path)[1]
-    if others: raise ArgumentError(f"{{path}} is a folder that holds other files ({', '.join(others[:5])}): save into a new or "
-                                   f"empty folder", path=str(path))
+    own_files(path, 'path', 'save into')
     eng.copier.drain()
     from tqdm.auto import tqdm
     with folder_lock(path):
-        old, others = conversion_files(path)
-        if others: raise ArgumentError(f"{{path}} holds other files ({', '.join(others[:5])}): save into a new or empty folder", path=str(path))
+        old = own_files(path, 'path', 'save into')           # again, now that no other writer can change them
         (path / MANIFEST).unlink(missing_ok=True)                  # the old model stops loading before anything is replaced
         index, files = {}, {}
         with partial_file(path / STORE_DATA) as f:

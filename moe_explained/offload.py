@@ -840,8 +840,8 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
                 need += w_in.shape[0] * expert_nbytes({'w_in': tuple(w_in.shape[1:]), 'w_out': tuple(w_out.shape[1:])},
                                                       bits=experts_bits, group_size=group_size)
         where = folder if folder is not None else Path(tempfile.gettempdir())
-        probe = next((p for p in (where, *where.parents) if p.exists()), where)
-        free = shutil.disk_usage(probe).free
+        existing = next((p for p in (where, *where.parents) if p.exists()), where)
+        free = shutil.disk_usage(existing).free
         if need > free:
             raise ArgumentError(f"the experts need {need / 2**30:.2f} GiB in {{offload_folder:name}} {where}, which has "
                                 f"{free / 2**30:.2f} GiB free", offload_folder=str(where))
