@@ -186,6 +186,7 @@ class ExpertStore:
             out = None
             if path is not None:
                 stack.enter_context(folder_lock(path))
+                store_folder(path, 'path')                         # again, now that no other writer can change it
                 (path / STORE_INDEX).unlink(missing_ok=True)       # the old store stops opening; its readers keep their map
                 out = stack.enter_context(partial_file(path / STORE_DATA))
             bar = stack.enter_context(tqdm(blocks, desc='building the expert store', disable=not progress))
@@ -216,12 +217,11 @@ def _index_problem(layers, size: int):
         crc = b.get('crc32')
         if not (isinstance(crc, list) and len(crc) == b['num_experts'] and all(isint(c, 0) for c in crc)):
             return f"layer {key}: crc32 must list one checksum per expert"
-        fmt = b.get('format')
-        try:
-            assert isinstance(fmt, dict) and fmt.get('kind') in ('dense', 'hqq') and fmt.get('nbytes') == b['nbytes']
-            views = row_views(fmt, torch.zeros(b['nbytes'], dtype=torch.uint8))
-            assert views
-        except Exception: return f"layer {key}: its row format does not fit its {b['nbytes']:,}-byte rows"
+        fmt, bad = b.get('format'), f"layer {key}: its row format does not fit its {b['nbytes']:,}-byte rows"
+        if not (isinstance(fmt, dict) and fmt.get('kind') in ('dense', 'hqq') and fmt.get('nbytes') == b['nbytes']): return bad
+        try: views = row_views(fmt, torch.zeros(b['nbytes'], dtype=torch.uint8))   # views of an empty row: reads nothing
+        except Exception: return bad
+        if not views: return bad
     return None
 
 @torch.no_grad()
