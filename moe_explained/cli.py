@@ -82,8 +82,8 @@ def _error_line(e: BaseException, args) -> tuple:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f'permission denied{where}: choose a folder you can write to', 2
         return f'{e.strerror or e}{where}', 2
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    return (f'unexpected {type(e).__name__}{": " + text if text else ""} (a bug in moe-explained or a library it uses; '
+    from moe_explained.errors import one_line
+    return (f'unexpected {one_line(e)} (a bug in moe-explained or a library it uses; '
             f'MOE_EXPLAINED_TRACEBACK=1 shows where)'), 1
 
 def main(argv=None) -> int:
@@ -204,7 +204,7 @@ def _number(name: str, lo: float, hi: float = None, lo_open: bool = False, kind=
         return v
     return parse
 
-_LOAD_ARGS = (  # the loading options `generate` shares with the commands that load a model
+_LOAD_ARGS = (  # how `generate` loads its model (`load_model` reads them)
     arg('--model', default=None, python='name_or_path',
         help='a hub id, a local model folder, or a folder made by `convert` (default: the packaged tiny Mixtral)'),
     arg('--cache-size', type=int, default=2, help='device slots per MoE layer (default 2)'),
@@ -222,17 +222,16 @@ def load_model(args):
     without one is refused before any weight is read), then the model offloaded — a converted folder as it is (`load_converted`),
     anything else through `load_offloaded` (`--experts-bits 0` / `--attn-bits 0` keep the weights as they are)."""
     from moe_explained import offload
-    from moe_explained.errors import ArgumentError
+    from moe_explained.errors import ArgumentError, one_line
     from moe_explained.offload import resolve_model
     path = resolve_model(args.model)
     from transformers import AutoConfig, AutoTokenizer
     try: AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"cannot read the config of {path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise ValueError(f"cannot read the config of {path}: {one_line(e)}") from None
     try: tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the tokenizer of {path} ({why}): a model folder needs its tokenizer files "
+        raise ValueError(f"cannot load the tokenizer of {path} ({one_line(e, 160)}): a model folder needs its tokenizer files "
                          f"(tokenizer.json, or tokenizer.model with its config)") from None
     experts_bits, attn_bits = args.experts_bits or None, args.attn_bits or None
     if (path / 'moe_offload.json').exists():      # a converted model (chapter 11): loaded as it is, nothing quantized again
@@ -253,7 +252,7 @@ def load_model(args):
     tok.padding_side = 'left'                     # a decoder-only model continues each row from its last real token
     return model, tok
 
-def sampling_options(args, generation_config) -> dict:
+def sampling_options(args) -> dict:
     """The keyword arguments of `generate()` for the sampling options: greedy by default; `--sample` — or a sampling
     knob (`--temperature` > 0, `--top-p`, `--top-k`) — samples, with the knobs given and the model's generation config
     for the rest; `--temperature 0` is greedy; `--repetition-penalty` applies either way."""
@@ -298,7 +297,7 @@ def generate(args) -> int:
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True) if args.stream else None
     start = time.perf_counter()
     out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), max_new_tokens=n,
-                         streamer=streamer, pad_token_id=tok.pad_token_id, **sampling_options(args, model.generation_config))
+                         streamer=streamer, pad_token_id=tok.pad_token_id, **sampling_options(args))
     seconds = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     if not args.stream: print(tok.decode(out[0, ids.shape[1]:] if args.chat else out[0], skip_special_tokens=True))
@@ -308,7 +307,7 @@ def generate(args) -> int:
 
 # %% ../nbs/90_cli.ipynb #562347a8
 @subcommand('plan', 'the memory plan of a MoE model: device, host RAM and disk bytes at the chosen bits, and the largest cache that fits',
-            arg('model', python='model', help='a shipped config name, a local folder or config.json, or a hub id (only config.json is read)'),
+            arg('model', help='a shipped config name, a local folder or config.json, or a hub id (only config.json is read)'),
             arg('--device-memory', default=None, help="free device memory: bytes, '16GB', '14.7GiB' or a GPU name such as T4 (default: the free CUDA memory)"),
             arg('--host-memory', default=None, help='available host RAM (default: what this machine has available)'),
             arg('--disk-memory', default=None, help='free disk for the converted model (default: free space of the current folder)'),

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .offload import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ArgumentError, ExpertStore, _check_bits,
-                                   _check_cache_size, _check_int, _check_options, attach, check_safetensors,
+from .errors import ArgumentError, one_line
+from .offload import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, _check_bits,
+                                   _check_cache_size, _check_host_miss, _check_int, _check_options, attach, check_safetensors,
                                    check_safetensors_file, drop_experts, expert_params, expert_rows, folder_lock, hub_call,
                                    moe_experts, partial_file, resolve_device, standard_eager, write_rows, write_store_index)
 from .plan import meta_model
@@ -258,7 +259,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     src = Source(name_or_path, work, revision, progress)        # checks the source before anything is written
     from transformers import AutoConfig
     try: config = AutoConfig.from_pretrained(src.config_dir)
-    except Exception as e: raise ValueError(f"cannot read the config of {name_or_path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    except Exception as e: raise ValueError(f"cannot read the config of {name_or_path}: {one_line(e)}") from None
     q = getattr(config, 'quantization_config', None)
     if q:
         method = q.get('quant_method', '?') if isinstance(q, dict) else getattr(q, 'quant_method', '?')
@@ -480,6 +481,17 @@ def _manifest_problem(m: dict):
     if not isinstance(m.get('tied', False), bool): return "'tied' must be true or false"
     return None
 
+def _file_problem(folder: Path, f: str, crc=None):
+    """What is wrong with file `f` of a converted folder, or None: missing, a safetensors file its own header does not
+    fit, or a CRC-32 other than `crc`, the one the manifest recorded."""
+    p = folder / f
+    if not p.exists(): return 'is missing'
+    if f.endswith('.safetensors'):
+        try: check_safetensors_file(p)
+        except ValueError as e: return f'is damaged: {e}'
+    if crc is not None and file_crc32(p) != crc: return 'fails its CRC-32'
+    return None
+
 def verify(path, progress: bool = True) -> dict:
     """Check a converted model folder completely: its manifest, every file it names against the CRC-32 it recorded,
     every safetensors file's header and length, the store's index, and every expert row against its CRC-32 (reads the
@@ -493,13 +505,9 @@ def verify(path, progress: bool = True) -> dict:
     names = sorted(set(files) | set(manifest['weights']))
     with tqdm(names, desc='checking files', disable=not progress) as bar:
         for f in bar:
-            if not (path / f).exists(): bad[f] = 'missing'; continue
-            if f.endswith('.safetensors'):
-                try: check_safetensors_file(path / f)
-                except ValueError as e: bad[f] = str(e); continue
-            if f in files and file_crc32(path / f) != files[f]:
-                if f.startswith('weights-') or f == STORE_INDEX: bad[f] = 'fails its CRC-32 (damaged)'
-                else: changed.append(f)
+            why = _file_problem(path, f, files.get(f))
+            if why == 'fails its CRC-32' and not (f.startswith('weights-') or f == STORE_INDEX): changed.append(f)
+            elif why: bad[f] = why
     if not files: bad[MANIFEST] = 'lists no CRC-32s (written by an older moe_explained): convert again to verify'
     try: store = ExpertStore.open(path)
     except ValueError as e: bad[STORE_DATA] = str(e); return dict(bad=bad, bad_rows={}, changed=changed, checked=len(names))
@@ -538,16 +546,15 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
     dtype = getattr(torch, opts['dtype'])
     crcs = manifest.get('files', {})
     for f in [STORE_INDEX] + manifest['weights']:           # a damaged file is refused, not served
-        if f.endswith('.safetensors'): check_safetensors_file(path / f)
-        if f in crcs and file_crc32(path / f) != crcs[f]:
-            raise ValueError(f"corrupted converted model {path}: {f} fails its CRC-32 (damaged after the conversion); "
-                             f"`moe-explained verify {path}` checks every file: convert the model again")
+        why = _file_problem(path, f, crcs.get(f))
+        if why: raise ValueError(f"corrupted converted model {path}: {f} {why}; `moe-explained verify {path}` checks every "
+                                 f"file: convert the model again")
     store = ExpertStore.open(path)
     L = len(store.layers)
     if resident_layers is not None: _check_int('resident_layers', resident_layers, 0, L)
     from transformers import AutoConfig, AutoModelForCausalLM
     try: config = AutoConfig.from_pretrained(path)
-    except Exception as e: raise ValueError(f"cannot read the config of {path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    except Exception as e: raise ValueError(f"cannot read the config of {path}: {one_line(e)}") from None
     with params_on_meta(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -560,9 +567,7 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
             want = {n: [list(p.shape[1:]), p.dtype] for n, p in expert_params(m).items()}
             got = {n: [s, getattr(torch, d)] for n, (s, _, d) in fmt['fields'].items()}
             if want != got: raise ValueError(f"the expert store of {path}, layer {layer}, holds {got}, the model needs {want}")
-    if miss == 'host' and device.type == 'cuda' and any(store.formats[l]['kind'] == 'dense' and not standard_eager(m) for l, m in mods):
-        raise ArgumentError(f"{{miss}} on CUDA runs the standard experts forward only; {type(mods[0][1]).__name__} has its own: "
-                            f"use {{miss|copy}}", miss=miss, copy='copy')
+    _check_host_miss(miss, device, [m for l, m in mods if store.formats[l]['kind'] == 'dense' and not standard_eager(m)])
     for layer, m in mods: drop_experts(m, store.formats[layer]['kind'] == 'hqq')
     if opts['attn_bits'] is not None: _empty_attention(model, opts['attn_bits'], dtype, device)
     from safetensors.torch import load_file
@@ -680,13 +685,13 @@ def check_conversion(family: str, folder) -> tuple:
             ref = realign(AutoModelForCausalLM.from_pretrained(folder / 'hub').eval())
             ref.set_experts_implementation('eager')
             with torch.no_grad(): want = ref(ids).logits
-        except Exception as e: return 'not built', f"transformers' own save and reload fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        except Exception as e: return 'not built', f"transformers' own save and reload fails: {one_line(e, 80)}"
         try: converted = convert(folder / 'hub', folder / 'converted', experts_bits=None, attn_bits=None, progress=False)
         except ValueError as e:                          # a clean refusal: before anything was written
             if (folder / 'converted').exists() and conversion_files(folder / 'converted')[0] not in ([], [LOCK]):
                 return 'failing', f'refused ({str(e)[:80]}), but after writing into the folder'
             return 'refused', str(e).splitlines()[0]
-        except Exception as e: return 'failing', f'convert: {type(e).__name__}: {str(e).splitlines()[0][:110]}'
+        except Exception as e: return 'failing', f'convert: {one_line(e, 110)}'
         try:
             m = realign(load_converted(converted, progress=False))
             sr, sm = ref.state_dict(), m.state_dict()
@@ -698,7 +703,7 @@ def check_conversion(family: str, folder) -> tuple:
                     if any(not torch.equal(v, want_e[n][e]) for n, v in store.views(layer, e).items()):
                         return 'failing', f'layer {layer}, expert {e}: the stored weights differ from from_pretrained\'s'
             with torch.no_grad(): got = m(ids).logits
-        except Exception as e: return 'failing', f'convert: {type(e).__name__}: {str(e).splitlines()[0][:110]}'
+        except Exception as e: return 'failing', f'convert: {one_line(e, 110)}'
         if not torch.equal(got, want): return 'failing', f'converted logits differ by up to {(got - want).abs().max().item():.3g}'
         shards = len(list((folder / 'hub').glob('*.safetensors')))
         try: bits = 4 if moe_experts(plain, quantized=True) else None
@@ -708,7 +713,7 @@ def check_conversion(family: str, folder) -> tuple:
             with torch.no_grad(): want_q = q(ids).logits
             back = realign(load_converted(save_offloaded(q, folder / 'saved', progress=False), progress=False))
             with torch.no_grad(): got_q = back(ids).logits
-        except Exception as e: return 'failing', f'save_offloaded: {type(e).__name__}: {str(e).splitlines()[0][:100]}'
+        except Exception as e: return 'failing', f'save_offloaded: {one_line(e, 100)}'
         if not torch.equal(got_q, want_q): return 'failing', f'saved and reloaded logits differ by up to {(got_q - want_q).abs().max().item():.3g}'
     return 'passed', (f'{shards} shards streamed; saved with {"4-bit" if bits else "dense"} experts; '
                       f'{time.perf_counter() - start:.1f} s')

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import CacheStats, ExpertCache, POLICIES, Policy
-from .errors import ArgumentError
+from .errors import ArgumentError, one_line
 from .moe import expert_weights
 from .quant import (SUPPORTED_BITS, expert_nbytes, expert_views, pack_expert, quantize_attention,
                                  quantized_expert_output, read_expert)
@@ -609,9 +609,7 @@ class OffloadEngine:
         self.layers, self.hooks, self.staging = {}, [], {}
         for layer, _, block, _ in find_moe_blocks(model):
             self.layers[layer] = OffloadedExperts(self, layer, block.experts, cache_size)
-            if miss == 'host' and cuda and self.layers[layer].mode == 'generic':
-                raise ValueError(f"miss='host' on CUDA runs the standard experts forward only; {type(block.experts).__name__} "
-                                 f"has its own (its other parameters stay on the device): use miss='copy'")
+            _check_host_miss(miss, self.device, [block.experts] if self.layers[layer].mode == 'generic' else [])
             block.experts._moe_offload = self.layers[layer]
         self.cache_size, self.prefetch_n, self.speculator, self.guesses, self._guessing = cache_size, 0, None, {}, False
         if prefetch:
@@ -728,7 +726,7 @@ def interface_problem(m: nn.Module):
             warnings.simplefilter('ignore')
             out = probe(x, torch.zeros(1, 1, dtype=torch.long, device=p.device), torch.ones(1, 1, dtype=p.dtype, device=p.device))
     except Exception as e:
-        return f"{cls}'s forward fails on the engine's path ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+        return f"{cls}'s forward fails on the engine's path ({one_line(e, 100)})"
     if probe.__dict__['_moe_probe_calls'] != 1:
         return (f"{cls}'s forward goes through transformers' experts interface {probe.__dict__['_moe_probe_calls']} times "
                 f"per call, not once (the engine plugs in there)")
@@ -791,6 +789,19 @@ def _check_cache_size(mods, cache_size):
         raise ArgumentError(f"{{cache_size}} is out of range: need 1 <= {{cache_size:name}} <= {E}, the experts per layer "
                             f"(with {E} slots every expert is on the device; nothing is offloaded)", cache_size=cache_size)
 
+def _check_host_miss(miss, device, generic: list):
+    """Refuse `miss='host'` on CUDA when experts run their class's own forward (`generic`: those modules): a miss computed
+    on the host runs the standard forward only, and such a class's other parameters stay on the device."""
+    if miss == 'host' and device.type == 'cuda' and generic:
+        raise ArgumentError(f"{{miss}} on CUDA runs the standard experts forward only; {type(generic[0]).__name__} has its "
+                            f"own (its other parameters stay on the device): use {{miss|copy}}", miss=miss, copy='copy')
+
+def _check_store(store, offload_folder):
+    "The folder of a disk store (`store_folder`: empty or ours), or None; `offload_folder` without `store='disk'` is refused."
+    if offload_folder is None: return None
+    if store != 'disk': raise ArgumentError("{offload_folder:name} is for {store|disk}", offload_folder=offload_folder, disk='disk')
+    return store_folder(offload_folder)
+
 def resolve_device(device=None) -> torch.device:
     "`device` as a torch.device: 'auto'/None picks CUDA when available, else CPU; CUDA where there is none is refused."
     if device in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -827,11 +838,9 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
     device = resolve_device(device)
     mods = moe_experts(model, quantized=experts_bits is not None)
     _check_cache_size(mods, cache_size)
-    if miss == 'host' and device.type == 'cuda' and experts_bits is None and not all(standard_eager(m) for _, m in mods):
-        raise ArgumentError(f"{{miss}} on CUDA runs the standard experts forward only; {type(mods[0][1]).__name__} has its own "
-                            f"(its other parameters stay on the device): use {{miss|copy}}", miss=miss, copy='copy')
+    _check_host_miss(miss, device, [m for _, m in mods if experts_bits is None and not standard_eager(m)])
+    folder = _check_store(store, offload_folder)
     if store == 'disk':
-        folder = store_folder(offload_folder) if offload_folder is not None else None
         if experts_bits is None: need = sum(p.numel() * p.element_size() for _, m in mods for p in expert_params(m).values())
         else:
             need = 0
@@ -845,8 +854,6 @@ def offload(model: nn.Module, cache_size: int = 2, experts_bits=None, attn_bits=
         if need > free:
             raise ArgumentError(f"the experts need {need / 2**30:.2f} GiB in {{offload_folder:name}} {where}, which has "
                                 f"{free / 2**30:.2f} GiB free", offload_folder=str(where))
-    elif offload_folder is not None:
-        raise ArgumentError("{offload_folder:name} is for {store|disk}", offload_folder=offload_folder, disk='disk')
     if attn_bits is not None:   # checks every shape before replacing anything; HQQLinear stays where it is made
         quantize_attention(model, attn_bits, compute_dtype=model.dtype, device=device)
     pin = device.type == 'cuda' and store == 'memory'
@@ -959,13 +966,11 @@ def load_offloaded(name_or_path=None, cache_size: int = 2, experts_bits=None, at
     (`dtype`: default the checkpoint's) and offloaded. Works with `generate()`, streamers, chat templates, pipelines."""
     _check_options(cache_size, experts_bits, attn_bits, prefetch, miss, store, policy)
     device = resolve_device(device)
-    if offload_folder is not None:
-        if store != 'disk': raise ArgumentError("{offload_folder:name} is for {store|disk}", offload_folder=offload_folder, disk='disk')
-        store_folder(offload_folder)                   # before a long load: a folder holding anything else is refused
+    _check_store(store, offload_folder)                # before a long load: a folder holding anything else is refused
     path = resolve_model(name_or_path, progress)
     from transformers import AutoConfig, AutoModelForCausalLM
     try: config = AutoConfig.from_pretrained(path)
-    except Exception as e: raise ValueError(f"cannot read the config of {path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    except Exception as e: raise ValueError(f"cannot read the config of {path}: {one_line(e)}") from None
     try:
         with torch.device('meta'): skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as e: raise ValueError(f"{path}: transformers has no causal LM for this config ({e})") from None
@@ -1078,12 +1083,12 @@ def tiny_family_model(family: str) -> tuple:
             for p in plain.parameters():
                 if p.dim() >= 1: p.normal_(0, 0.05)
     except FamilySkipped: raise
-    except Exception as e: raise FamilySkipped('not built', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}') from None
+    except Exception as e: raise FamilySkipped('not built', one_line(e, 110)) from None
     ids = torch.randint(0, plain.config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     try:
         plain.set_experts_implementation('eager')
         with torch.no_grad(): plain(ids)
-    except Exception as e: raise FamilySkipped('not built', f'the plain tiny model fails: {type(e).__name__}: {str(e).splitlines()[0][:90]}') from None
+    except Exception as e: raise FamilySkipped('not built', f'the plain tiny model fails: {one_line(e, 90)}') from None
     return plain, ids
 
 def check_family(family: str, cache_size: int = 2) -> tuple:
@@ -1104,7 +1109,7 @@ def check_family(family: str, cache_size: int = 2) -> tuple:
         with torch.no_grad(): still = m(ids).logits
         if not torch.equal(still, ref): return 'failing', f'refused ({str(e)[:80]}), but the model was changed'
         return 'refused', str(e).splitlines()[0]
-    except Exception as e: return 'failing', f'{type(e).__name__}: {str(e).splitlines()[0][:110]}'
+    except Exception as e: return 'failing', one_line(e, 110)
     eng = m.moe_offload
     detail = (f'{next(iter(eng.layers.values())).mode}, {len(eng.layers)} of {plain.config.get_text_config().num_hidden_layers} '
               f'layers MoE, prefetch {"on" if eng.prefetch_n else "off"}, {time.perf_counter() - start:.1f} s')

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import one_line
 from .offload import drop_experts, expert_params, moe_experts, run_one_expert
 from .trace import find_moe_blocks
 
@@ -259,7 +260,7 @@ def check_transformers_ep(model: nn.Module, folder) -> dict:
         local = tuple(w.to_local().shape) if hasattr(w, 'to_local') else tuple(w.shape)
         got = ep(ids).logits
     except Exception as e:
-        return dict(ran=False, error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
+        return dict(ran=False, error=one_line(e, 300))
     return dict(ran=True, equal=bool(torch.equal(got, ref)), max_abs_diff=float((got - ref).abs().max()),
                 equal_to_grouped_mm=bool(torch.equal(got, ref_same)), max_abs_diff_grouped_mm=float((got - ref_same).abs().max()),
                 max_abs_logit=float(ref.abs().max()),

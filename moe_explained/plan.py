@@ -270,13 +270,13 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
                   host=parse_bytes(host_available() if host_memory is None else host_memory, 'host_memory'),
                   disk=parse_bytes(shutil.disk_usage(folder).free if disk_memory is None else disk_memory, 'disk_memory'))
     sizes = shipped_sizes(model)                     # a shipped model's sizes are stored: no transformers, no torch
-    if sizes is not None: SUPPORTED_BITS = tuple(sorted(int(b) for b in sizes.row_nbytes))   # chapter 07's widths, stored
-    else: from moe_explained.quant import SUPPORTED_BITS
-    if experts_bits not in SUPPORTED_BITS or isinstance(experts_bits, bool):
-        raise ArgumentError(f"{{experts_bits}} is not supported; choose one of {SUPPORTED_BITS}", experts_bits=experts_bits)
+    if sizes is not None: supported = tuple(sorted(int(b) for b in sizes.row_nbytes))   # chapter 07's widths, stored
+    else: from moe_explained.quant import SUPPORTED_BITS as supported
+    if experts_bits not in supported or isinstance(experts_bits, bool):
+        raise ArgumentError(f"{{experts_bits}} is not supported; choose one of {supported}", experts_bits=experts_bits)
     if attn_bits == 'auto': attn_list = [4, 3, 2]
-    elif attn_bits is None or (attn_bits in SUPPORTED_BITS and not isinstance(attn_bits, bool)): attn_list = [attn_bits]
-    else: raise ArgumentError(f"{{attn_bits}}: choose one of {SUPPORTED_BITS}, None (16-bit) or 'auto'", attn_bits=attn_bits)
+    elif attn_bits is None or (attn_bits in supported and not isinstance(attn_bits, bool)): attn_list = [attn_bits]
+    else: raise ArgumentError(f"{{attn_bits}}: choose one of {supported}, None (16-bit) or 'auto'", attn_bits=attn_bits)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ArgumentError("{max_tokens} must be a positive int (the longest prompt + reply, for the KV cache)", max_tokens=max_tokens)
     if sizes is None: sizes = model_sizes(model)
