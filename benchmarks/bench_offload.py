@@ -180,7 +180,8 @@ def cost_model(plain, tmp, reps):
     rows_ram, rows_disk = L.rows, m_disk.moe_offload.layers[0].rows
     slot = torch.empty_like(L.slots[0])
     x = torch.randn(1, plain.config.hidden_size)
-    w_in, w_out = L.host_views[0]['gate_up_proj'], L.host_views[0]['down_proj']
+    host = m_ram.moe_offload.store.views(L.layer, 0)
+    w_in, w_out = host['gate_up_proj'], host['down_proj']
     def compute(): torch.nn.functional.linear(L.gate_fn(torch.nn.functional.linear(x, w_in)), w_out)
     fns = {'copy from RAM': lambda: slot.copy_(rows_ram[random.randrange(8)]),
            'copy from mmap store (page cache)': lambda: slot.copy_(rows_disk[random.randrange(8)]),

@@ -9,9 +9,13 @@ meta-quantized scales: chapter 07's layout) and its bytes fill every row, so eve
 2-bit expert has.
 
 Measured, everything in one run, variants interleaved: pinned host-to-device bandwidth (one expert row, repeated);
-decode tokens/s for cache sizes 2 and 4 per layer, prefetch on and off, `miss='copy'` and `miss='host'`; per variant
-the hit rate, bytes copied per token, and the transfer bound `bandwidth / bytes copied per token` (tokens/s if the
-copies were all the time a token took), with the ratio measured/bound.
+decode tokens/s for cache sizes 2 and 4 per layer, prefetch on and off, with `miss='copy'`, and at cache 2 with
+`miss='host'`; per variant the hit rate, bytes copied per token, host reads per token, and the transfer bound
+`bandwidth / bytes copied per token` (tokens/s if the copies were all the time a token took), with the ratio
+measured/bound. One model and one store serve every variant: a variant is an engine (its slots) attached for its turn
+and detached after it, so the device holds one variant's slots at a time (eight at once are ~14 GB, past a 16 GB card).
+`miss='host'` computes missed experts on the CPU (chapter 07's dequantization in the model's dtype, fp16: about 2 s per
+Mixtral expert there), so its variants decode `--host-tokens` tokens (default 2) instead of `--tokens`.
 
     python benchmarks/bench_offload_gpu.py                      # -> benchmarks/results/offload_gpu.json
     python benchmarks/bench_offload_gpu.py --device cpu --quick # tiny shape, a smoke test
@@ -31,15 +35,15 @@ import torch
 from common import cpu_model  # benchmarks/common.py (scripts run as `python benchmarks/...`)
 
 from moe_explained.configs import get_config
-from moe_explained.offload import OFFLOAD_IMPL, ExpertStore, OffloadEngine, _offloaded_experts_forward, offload_stats
+from moe_explained.offload import OffloadConfig, attach, offload_stats
+from moe_explained.store import ExpertStore
 from moe_explained.quant import pack_expert, read_expert
 from moe_explained.trace import find_moe_blocks
 
 
-def build(device, layers, quick, cache_size, prefetch, miss, store_rows=None):
-    "A Mixtral-8x7B-shaped model (or a tiny one with --quick) with an engine over a packed 2-bit store."
+def build(device, layers, quick):
+    "A Mixtral-8x7B-shaped model (or a tiny one with --quick) without expert weights, and a packed 2-bit store for it."
     from transformers import MixtralConfig, MixtralForCausalLM
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     cfg = dict(get_config('mixtral-8x7b'), num_hidden_layers=layers)
     if quick: cfg |= dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
     cfg.pop('architectures', None); cfg.pop('model_type', None)
@@ -47,6 +51,7 @@ def build(device, layers, quick, cache_size, prefetch, miss, store_rows=None):
     with torch.device('meta'): model = MixtralForCausalLM(config)
     for _, _, block, _ in find_moe_blocks(model):
         for p in ('gate_up_proj', 'down_proj'): block.experts._parameters.pop(p)
+        block.experts.is_transposed = False                  # packed rows hold [out, in] weights
     dtype = torch.float16 if torch.device(device).type == 'cuda' else torch.float32
     model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
@@ -54,26 +59,32 @@ def build(device, layers, quick, cache_size, prefetch, miss, store_rows=None):
             if 'norm' in n: p.fill_(1.0)
             else: p.normal_(0, 0.02)
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)   # its buffers were left empty by to_empty
-    if store_rows is None:
-        H, I = config.hidden_size, config.intermediate_size
-        torch.manual_seed(0)
-        row = pack_expert(dict(w_in=torch.randn(2 * I, H) * 0.02, w_out=torch.randn(H, I) * 0.02), bits=2, group_size=16,
-                          method='rtn')
-        eb = read_expert(row)
-        fmt = dict(kind='hqq', header=eb.header, start=eb.start, nbytes=row.numel())
-        pin = torch.device(device).type == 'cuda'
-        rows = {}
-        for layer, _, block, _ in find_moe_blocks(model):
-            r = torch.empty(config.num_local_experts, row.numel(), dtype=torch.uint8, pin_memory=pin)
-            r.copy_(row.expand_as(r))
-            rows[layer] = r
-        store_rows = (rows, {l: fmt for l in rows})
-    for _, _, block, _ in find_moe_blocks(model): block.experts.is_transposed = False
-    store = ExpertStore(*store_rows)
-    ALL_EXPERTS_FUNCTIONS.register(OFFLOAD_IMPL, _offloaded_experts_forward)
-    model.moe_offload = OffloadEngine(model, store, cache_size, device, prefetch=prefetch, miss=miss)
-    model.set_experts_implementation(OFFLOAD_IMPL)
-    return model.eval(), store_rows
+    H, I = config.hidden_size, config.intermediate_size
+    g = torch.Generator().manual_seed(0)
+    row = pack_expert(dict(w_in=torch.randn(2 * I, H, generator=g) * 0.02, w_out=torch.randn(H, I, generator=g) * 0.02),
+                      bits=2, group_size=16, method='rtn')
+    eb = read_expert(row)
+    fmt = dict(kind='hqq', header=eb.header, start=eb.start, nbytes=row.numel())
+    pin = torch.device(device).type == 'cuda'
+    rows = {}
+    for layer, _, block, _ in find_moe_blocks(model):
+        r = torch.empty(config.num_local_experts, row.numel(), dtype=torch.uint8, pin_memory=pin)
+        rows[layer] = r.copy_(row.expand_as(r))
+    return model.eval(), ExpertStore(rows, {l: fmt for l in rows})
+
+
+def engaged(model, store, config):
+    "`model` with an engine of `config` attached (slots allocated); `detach` frees them for the next variant."
+    return attach(model, store, config)
+
+
+def detach(model):
+    "Stop the engine's copies and drop its slots (the store stays): the next variant attaches its own."
+    eng = model.moe_offload
+    eng.copier.drain(); eng.copier.close(); eng.remove_hooks()
+    for l in eng.layers.values(): del l.module._moe_offload
+    del model.moe_offload
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 
 def sync(device):
@@ -93,7 +104,8 @@ def decode(model, n, device, vocab):
     sync(device); seconds = time.perf_counter() - t
     s1 = offload_stats(model)
     return seconds, dict(hit_rate=(s1.hits - s0.hits) / max(s1.requests - s0.requests, 1),
-                         bytes_per_token=(s1.bytes_moved - s0.bytes_moved) / n)
+                         bytes_per_token=(s1.bytes_moved - s0.bytes_moved) / n,
+                         host_reads_per_token=(s1.host_reads - s0.host_reads) / n)
 
 
 def bandwidth(row, device, reps=20):
@@ -111,6 +123,7 @@ def main():
     p.add_argument('--device', default='cuda')
     p.add_argument('--layers', type=int, default=4, help='decoder layers of the 32 (default 4)')
     p.add_argument('--tokens', type=int, default=16)
+    p.add_argument('--host-tokens', type=int, default=2, help="tokens per miss='host' variant (its misses run on the CPU)")
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--quick', action='store_true')
     p.add_argument('--out')
@@ -123,31 +136,37 @@ def main():
                layers=a.layers, of_layers=32, tokens=a.tokens, repeats=a.repeats, quick=a.quick,
                experts='2-bit HQQ layout (RTN-packed), group 16, 8-bit meta', extrapolation='per-layer figures from '
                f'{a.layers} of 32 layers')
-    variants, rows = {}, None
-    for C in (2, 4):
-        for prefetch in (True, False):
-            for miss in ('copy', 'host'):
-                model, rows = build(a.device, a.layers, a.quick, C, prefetch, miss, rows)
-                variants[f'cache {C}, prefetch {"on" if prefetch else "off"}, miss={miss}'] = model
-    any_row = next(iter(rows[0].values()))[0]
+    model, store = build(a.device, a.layers, a.quick)
+    variants = {f'cache {C}, prefetch {"on" if prefetch else "off"}, miss=copy': OffloadConfig(cache_size=C, prefetch=prefetch, device=a.device)
+                for C in (2, 4) for prefetch in (True, False)}
+    variants |= {f'cache 2, prefetch {"on" if prefetch else "off"}, miss=host': OffloadConfig(cache_size=2, prefetch=prefetch, miss='host', device=a.device)
+                 for prefetch in (True, False)}
+    any_row = store.rows[store.layers[0]][0]
     env['row_bytes'] = any_row.numel()
     env['h2d_bytes_per_s'] = bandwidth(any_row, a.device)
-    vocab = next(iter(variants.values())).config.vocab_size
+    env['host_tokens'] = a.host_tokens
+    vocab = model.config.vocab_size
     times, stats = {k: [] for k in variants}, {}
     for r in range(a.repeats):
         for name in random.sample(list(variants), len(variants)):
-            s, st = decode(variants[name], a.tokens, a.device, vocab)
+            n = a.host_tokens if variants[name].miss == 'host' else a.tokens
+            engaged(model, store, variants[name])
+            try: s, st = decode(model, n, a.device, vocab)
+            finally: detach(model)
+            st['tokens'] = n
             times[name].append(s); stats.setdefault(name, []).append(st)
-            print(f'rep {r} {name:36s} {a.tokens / s:8.2f} tok/s  hit {st["hit_rate"]:.1%}  {st["bytes_per_token"] / 1e6:8.1f} MB/token', flush=True)
+            print(f'rep {r} {name:36s} {n / s:8.2f} tok/s  hit {st["hit_rate"]:.1%}  {st["bytes_per_token"] / 1e6:8.1f} MB/token', flush=True)
     res = {}
     for name, ts in times.items():
-        tps = a.tokens / statistics.median(ts)
+        n = stats[name][0]['tokens']
+        tps = n / statistics.median(ts)
         bpt = statistics.mean(x['bytes_per_token'] for x in stats[name])
         bound = env['h2d_bytes_per_s'] / bpt if bpt else float('inf')
         res[name] = dict(tokens_per_s=tps, all_s=ts, hit_rate=statistics.mean(x['hit_rate'] for x in stats[name]),
                          bytes_per_token=bpt, transfer_bound_tokens_per_s=bound,
                          ratio_to_bound=tps / bound if bpt else None,
-                         per_layer_s=statistics.median(ts) / a.tokens / a.layers)
+                         host_reads_per_token=statistics.mean(x['host_reads_per_token'] for x in stats[name]),
+                         tokens=n, per_layer_s=statistics.median(ts) / n / a.layers)
     out = Path(a.out) if a.out else Path(__file__).parent / 'results' / ('offload_gpu_quick.json' if a.quick else 'offload_gpu.json')
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(env=env, results=res), indent=1))

@@ -182,8 +182,9 @@ def decode_trace(model, prompts: list, domains=None, max_new_tokens: int = 112, 
     seqs = []
     for i, p in enumerate(prompts):
         n = min(max_new_tokens, generation_limit(model, len(p)))
-        torch.manual_seed(seed + i)
-        out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=n, min_new_tokens=n,
-                             **({'do_sample': True, 'temperature': 0.7, 'top_k': 40} | generate_kwargs))
+        with torch.random.fork_rng():            # seeded sampling that leaves the caller's random state as it was
+            torch.manual_seed(seed + i)
+            out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=n, min_new_tokens=n,
+                                 **({'do_sample': True, 'temperature': 0.7, 'top_k': 40} | generate_kwargs))
         seqs.append(out[0].tolist())
     return record_routing(model, seqs, domains=domains, hidden_states=False)

@@ -223,7 +223,7 @@ def load_model(args):
     anything else through `load_offloaded` (`--experts-bits 0` / `--attn-bits 0` keep the weights as they are)."""
     from moe_explained import offload
     from moe_explained.errors import ArgumentError, one_line
-    from moe_explained.offload import resolve_model
+    from moe_explained.hub import resolve_model
     path = resolve_model(args.model)
     from transformers import AutoConfig, AutoTokenizer
     try: AutoConfig.from_pretrained(path)

@@ -10,17 +10,20 @@ __all__ = ['FORMAT_VERSION', 'WORK', 'SOURCE_FILES', 'unit_of', 'Source', 'load_
            'upload', 'realign', 'check_conversion']
 
 # %% ../nbs/11_real_models.ipynb #ae10ce5a
-import contextlib, copy, json, os, re, shutil, warnings, zlib
+import collections, contextlib, copy, dataclasses, json, os, re, shutil, threading, warnings, zlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ArgumentError, one_line
-from .offload import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, _check_bits,
-                                   _check_cache_size, _check_host_miss, _check_int, _check_options, attach, check_safetensors,
-                                   check_safetensors_file, drop_experts, expert_params, expert_rows, folder_lock, hub_call,
-                                   moe_experts, partial_file, resolve_device, standard_eager, write_rows, write_store_index)
+from .errors import check_int
+from .experts import drop_experts, expert_params, moe_experts
+from .hub import check_safetensors, check_safetensors_file, hub_call, resolve_device
+from .offload import OffloadConfig, attach, check_host_miss, check_model, offload
+from .quant import check_bits
+from .store import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, expert_rows, folder_lock, partial_file,
+                                 write_rows, write_store_index)
 from .plan import meta_model
 from .quant import SUPPORTED_BITS, attention_linears, quantize_attention
 
@@ -48,8 +51,8 @@ class Source:
             self.folder, self.repo = p, None
             check_safetensors(p)                 # truncated shards, an index naming missing files: before anything is written
         else:
-            from moe_explained.configs import _HUB_ID
-            if p.exists() or not _HUB_ID.fullmatch(str(name_or_path)):
+            from moe_explained.configs import HUB_ID
+            if p.exists() or not HUB_ID.fullmatch(str(name_or_path)):
                 raise ValueError(f"no such model folder: {p} (and {str(name_or_path)!r} is not a hub id of the form owner/name)")
             self.folder, self.repo = None, str(name_or_path)
             self.meta_dir = hub_call(self.repo, lambda: __import__('huggingface_hub').snapshot_download(
@@ -247,7 +250,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     `overwrite=True` deletes exactly those, and a folder holding anything else is refused. `device` is where the
     quantization arithmetic runs ('cuda' is much faster for a big model). `push_to_hub='owner/name'` uploads the
     result. Returns `out`."""
-    _check_bits('experts_bits', experts_bits); _check_bits('attn_bits', attn_bits)
+    check_bits('experts_bits', experts_bits); check_bits('attn_bits', attn_bits)
     out, qdevice = Path(out).expanduser(), resolve_device(device)
     work, given = out / WORK, Path(str(name_or_path)).expanduser()
     if out.exists() and not out.is_dir(): raise ArgumentError("{out} is a file: convert into a folder", out=str(out))
@@ -431,18 +434,29 @@ def _convert_unit(model, unit, tensors, mods, units, experts_bits, attn_bits, gr
     return entry
 
 # %% ../nbs/11_real_models.ipynb #590186f4
+_REGISTER, _META_LOCK, _META_THREADS = nn.Module.register_parameter, threading.Lock(), collections.Counter()
+
+def _register_on_meta(self, name, param):
+    _REGISTER(self, name, param)
+    if _META_THREADS[threading.get_ident()] and param is not None and not param.is_meta:
+        self._parameters[name] = nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
+
 @contextlib.contextmanager
 def params_on_meta():
     """Build modules with every parameter on the meta device but buffers real (rotary frequencies and other computed
-    buffers are made as usual): a model's skeleton, to be filled from files without allocating its weights twice."""
-    register = nn.Module.register_parameter
-    def on_meta(self, name, param):
-        register(self, name, param)
-        if param is not None and not param.is_meta:
-            self._parameters[name] = nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
-    nn.Module.register_parameter = on_meta
+    buffers are made as usual): a model's skeleton, to be filled from files without allocating its weights twice.
+    Only the calling thread's modules are affected — another thread building a model meanwhile gets real parameters —
+    and `nn.Module.register_parameter` is itself again once no thread is inside."""
+    me = threading.get_ident()
+    with _META_LOCK:
+        _META_THREADS[me] += 1
+        nn.Module.register_parameter = _register_on_meta
     try: yield
-    finally: nn.Module.register_parameter = register
+    finally:
+        with _META_LOCK:
+            _META_THREADS[me] -= 1
+            if _META_THREADS[me] == 0: del _META_THREADS[me]
+            if not _META_THREADS: nn.Module.register_parameter = _REGISTER
 
 def read_manifest(path) -> dict:
     """The manifest of a converted model folder, checked: every field it needs, of the right type; every file it names
@@ -517,8 +531,8 @@ def verify(path, progress: bool = True) -> dict:
 
 def _resolve_converted(name_or_path, progress) -> Path:
     p = Path(str(name_or_path)).expanduser()
-    from moe_explained.configs import _HUB_ID
-    if p.exists() or not _HUB_ID.fullmatch(str(name_or_path)): return p
+    from moe_explained.configs import HUB_ID
+    if p.exists() or not HUB_ID.fullmatch(str(name_or_path)): return p
     from huggingface_hub import snapshot_download
     return Path(hub_call(str(name_or_path), lambda: snapshot_download(str(name_or_path)),
                          remedy='download it once with network, or pass the converted folder'))
@@ -538,8 +552,8 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
     saved it), the expert store is memory-mapped, `resident_layers` of its MoE layers are read into host RAM (pinned on
     CUDA; default: as many as fit in the available RAM less 2 GiB; 0 keeps every expert on disk), and the engine is
     attached with `cache_size` device slots per layer (`plan_memory(...).load_kwargs()` gives both)."""
-    _check_options(cache_size, None, None, prefetch, miss, 'memory', policy)
-    device = resolve_device(device)
+    engine_config = OffloadConfig(cache_size=cache_size, device=device, prefetch=prefetch, miss=miss, policy=policy)
+    device = engine_config.device
     path = _resolve_converted(name_or_path, progress)
     manifest = read_manifest(path)
     opts = manifest['options']
@@ -551,15 +565,14 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
                                  f"file: convert the model again")
     store = ExpertStore.open(path)
     L = len(store.layers)
-    if resident_layers is not None: _check_int('resident_layers', resident_layers, 0, L)
+    if resident_layers is not None: check_int('resident_layers', resident_layers, 0, L)
     from transformers import AutoConfig, AutoModelForCausalLM
     try: config = AutoConfig.from_pretrained(path)
     except Exception as e: raise ValueError(f"cannot read the config of {path}: {one_line(e)}") from None
     with params_on_meta(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    mods = moe_experts(model)
-    _check_cache_size(mods, cache_size)
+    mods = check_model(model, dataclasses.replace(engine_config, miss='copy'))      # the host-miss check follows the store's formats
     for layer, m in mods:
         if layer not in store.rows: raise ValueError(f"the expert store of {path} has no layer {layer}: it belongs to another model")
         fmt = store.formats[layer]
@@ -567,7 +580,7 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
             want = {n: [list(p.shape[1:]), p.dtype] for n, p in expert_params(m).items()}
             got = {n: [s, getattr(torch, d)] for n, (s, _, d) in fmt['fields'].items()}
             if want != got: raise ValueError(f"the expert store of {path}, layer {layer}, holds {got}, the model needs {want}")
-    _check_host_miss(miss, device, [m for l, m in mods if store.formats[l]['kind'] == 'dense' and not standard_eager(m)])
+    check_host_miss(engine_config, [m for l, m in mods if store.formats[l]['kind'] == 'dense'])
     for layer, m in mods: drop_experts(m, store.formats[layer]['kind'] == 'hqq')
     if opts['attn_bits'] is not None: _empty_attention(model, opts['attn_bits'], dtype, device)
     from safetensors.torch import load_file
@@ -583,9 +596,9 @@ def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True
         per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
         if device.type == 'cuda': per = pinned_nbytes(per)
         resident_layers = int(min(L, max(host_available() - 2 * 2**30, 0) // per))
-    _check_int('resident_layers', resident_layers, 0, L)
+    check_int('resident_layers', resident_layers, 0, L)
     store.load_layers(store.layers[:resident_layers], pin=device.type == 'cuda')
-    model = attach(model, store, cache_size, device, prefetch, miss, policy)
+    model = attach(model, store, engine_config)
     model.moe_converted = manifest
     return model
 
@@ -674,7 +687,7 @@ def check_conversion(family: str, folder) -> tuple:
     the model offloaded with 4-bit experts, saved with `save_offloaded` and loaded back, its own logits."""
     import time
     from transformers import AutoModelForCausalLM
-    from moe_explained.offload import FamilySkipped, offload, tiny_family_model
+    from moe_explained.testing import FamilySkipped, tiny_family_model
     start, folder = time.perf_counter(), Path(folder)
     try: plain, ids = tiny_family_model(family)
     except FamilySkipped as e: return e.status, e.detail

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import one_line
-from .offload import drop_experts, expert_params, moe_experts, run_one_expert
+from .experts import drop_experts, expert_params, moe_experts, run_one_expert
 from .trace import find_moe_blocks
 
 # %% ../nbs/12_expert_parallel.ipynb #a74d9dbe
@@ -183,9 +183,9 @@ def tiny_models() -> dict:
     for name, cls, cfg in (('mixtral', MixtralForCausalLM, MixtralConfig(**small, intermediate_size=64, num_local_experts=8)),
                            ('qwen3_moe', Qwen3MoeForCausalLM, Qwen3MoeConfig(**small, intermediate_size=64, moe_intermediate_size=32,
                                                                            num_experts=8, mlp_only_layers=[0], norm_topk_prob=True))):
-        torch.manual_seed(0)
-        m = cls(cfg).eval()
-        with torch.no_grad():
+        with torch.random.fork_rng(), torch.no_grad():   # seeded weights; the caller's random state is left as it was
+            torch.manual_seed(0)
+            m = cls(cfg).eval()
             for p in m.parameters(): p.normal_(0, 0.05)
         m.set_experts_implementation('eager')
         out[name] = m

@@ -66,13 +66,13 @@ def _fmt(n: float) -> str:
 # %% ../nbs/11_memory_plan.ipynb #bb76d061
 def _config(model):
     "A transformers config from a config object, a shipped name ('mixtral-8x7b'), a local folder or config.json, or a hub id (its config.json only)."
-    from moe_explained.configs import load_config, _HUB_ID
+    from moe_explained.configs import load_config, HUB_ID
     try: return load_config(model)
     except ValueError:
         s = str(model)
-        if not (isinstance(model, str) and _HUB_ID.fullmatch(s)) or Path(s).exists(): raise
+        if not (isinstance(model, str) and HUB_ID.fullmatch(s)) or Path(s).exists(): raise
     from huggingface_hub import hf_hub_download
-    from moe_explained.offload import hub_call
+    from moe_explained.hub import hub_call
     return load_config(hub_call(s, lambda: hf_hub_download(s, 'config.json'),
                                 remedy='download its config.json once with network, or pass a local config.json'))
 
@@ -106,7 +106,7 @@ class ModelSizes:
 def model_sizes(config) -> ModelSizes:
     "`ModelSizes` of a config (see `_config` for what it may be), counted on the meta device — nothing is allocated."
     from moe_explained.moe import expert_weights
-    from moe_explained.offload import expert_params, moe_experts, top_k
+    from moe_explained.experts import expert_params, moe_experts, top_k
     from moe_explained.quant import SUPPORTED_BITS, attention_linears, expert_nbytes
     config = _config(config)
     m = meta_model(config)
@@ -253,11 +253,12 @@ def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, bu
 
 def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, experts_bits: int = 2, attn_bits='auto',
                 cache_size=None, group_size: int = 16, max_tokens: int = 4096, dtype_bytes: int = 2,
-                device_reserve='1GiB', host_reserve='2GiB', shard_bytes='5GB', folder='.') -> MemoryPlan:
+                device_reserve='1GiB', host_reserve='2GiB', shard_bytes='5GB', folder='.', device=None) -> MemoryPlan:
     """A memory plan for running `model` (a config, shipped name, folder or hub id: only its config is read) offloaded:
     experts at `experts_bits` HQQ, attention at `attn_bits` (4, or 3 or 2 if that is what fits; None keeps 16 bits),
     the largest cache that fits the device (or `cache_size`), and the expert store in host RAM, split between RAM and
-    disk, or memory-mapped from disk — whatever the host has room for. `device_memory` defaults to the free CUDA memory,
+    disk, or memory-mapped from disk — whatever the host has room for. `device_memory` defaults to the free memory of
+    `device` (the CUDA device the model will run on: 'cuda:1', or the current one),
     `host_memory` to the available RAM, `disk_memory` to the free space of `folder`; each also takes '16GB', '12.7GiB'
     or a GPU name ('T4'). Nothing is allocated. Raises ValueError naming what to change when no plan fits."""
     if device_memory is None:
@@ -265,7 +266,8 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
         if not torch.cuda.is_available():
             raise ArgumentError("no CUDA device here: give {device_memory:name} (bytes, '16GB', or a GPU name such as T4) to plan for one",
                                 device_memory=None)
-        device_memory = torch.cuda.mem_get_info()[0]
+        from moe_explained.hub import resolve_device
+        device_memory = torch.cuda.mem_get_info(resolve_device('cuda' if device is None else device))[0]
     budget = dict(device=parse_bytes(device_memory, 'device_memory'),
                   host=parse_bytes(host_available() if host_memory is None else host_memory, 'host_memory'),
                   disk=parse_bytes(shutil.disk_usage(folder).free if disk_memory is None else disk_memory, 'disk_memory'))

@@ -6,9 +6,10 @@ Docs: https://moe-explained.github.io/moe_explained/hqq.html.md"""
 
 # %% auto #0
 __all__ = ['SUPPORTED_BITS', 'MAGIC', 'LAYOUT_VERSION', 'ALIGN', 'QUANT_IMPL', 'group_view', 'QTensor', 'quantize_rtn',
-           'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'bits_per_weight', 'expert_layout',
-           'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'expert_views', 'experts_modules',
-           'quantized_expert_output', 'quantize_experts', 'attention_linears', 'quantize_attention']
+           'check_bits', 'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'bits_per_weight',
+           'expert_layout', 'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert', 'expert_views',
+           'experts_modules', 'quantized_expert_rows', 'quantized_expert_output', 'quantized_experts_forward',
+           'quantize_experts', 'attention_linears', 'quantize_attention']
 
 # %% ../nbs/07_hqq.ipynb #b6c713f6
 import json, math, struct, zlib
@@ -64,6 +65,13 @@ def quantize_rtn(W: Tensor, bits: int = 4, group_size: int = 64, axis: int = 1) 
     Wq = torch.round(G / s + z).clamp_(0, 2 ** bits - 1)
     return QTensor(Wq, s, z, tuple(W.shape), bits, group_size, axis)
 
+def check_bits(name: str, b):
+    "Refuse a bit width these quantizers do not have, naming the argument `name` (None keeps the weights as they are)."
+    from moe_explained.errors import ArgumentError
+    if b is not None and (isinstance(b, bool) or b not in SUPPORTED_BITS):
+        raise ArgumentError(f"{{{name}}} is not supported; choose one of {SUPPORTED_BITS}, or {{{name}|keep}} to keep the "
+                            f"weights as they are", **{name: b, 'keep': None})
+
 # %% ../nbs/07_hqq.ipynb #0ab48721
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
     "Generalised soft-thresholding, the proximal step of the l_p norm (p < 1): sign(x) relu(|x| - |x|^(p-1) / beta)."
@@ -115,30 +123,36 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return torch.stack([(word >> (8 * j)) & 0xFF for j in range(n_byte)], 1).to(torch.uint8).reshape(-1)
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    "The first `n` codes packed by `pack_bits`, as uint8."
+    "The first `n` codes packed by `pack_bits`, as uint8, on `packed`'s device (a device slot's codes unpack on the device)."
     if bits not in SUPPORTED_BITS: raise ValueError(f"bits={bits!r} is not supported; choose one of {SUPPORTED_BITS}")
     if packed.numel() < packed_nbytes(n, bits): raise ValueError(f"{packed.numel()} bytes hold fewer than {n} {bits}-bit codes")
     if bits == 8: return packed[:n]
     if bits == 3:
         b = packed[:packed_nbytes(n, 3)].view(-1, 3).to(torch.int32)
         word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        return ((word[:, None] >> torch.arange(0, 24, 3, dtype=torch.int32)) & 7).to(torch.uint8).reshape(-1)[:n]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-    return ((packed[:packed_nbytes(n, bits), None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:n]
+        return ((word[:, None] >> torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)) & 7).to(torch.uint8).reshape(-1)[:n]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = packed[:packed_nbytes(n, bits), None] >> shifts      # [bytes, 8 / bits], one new uint8 per code
+    return codes.bitwise_and_(2 ** bits - 1).reshape(-1)[:n]
 
 # %% ../nbs/07_hqq.ipynb #79c8a37d
 def bits_per_weight(bits: int, group_size: int, meta_bits=None, meta_group_size: int = 128, param_bits: int = 16) -> float:
     """Stored bits per weight: the code, plus per group a scale and a zero of `param_bits` each — or, meta-quantized,
-    of `meta_bits` each, plus per `meta_group_size` groups a `param_bits` scale and zero for each of the two."""
+    of `meta_bits` each, plus per `meta_group_size` groups a `param_bits` scale and minimum for each of the two."""
     if meta_bits is None: return bits + 2 * param_bits / group_size
     return bits + 2 * meta_bits / group_size + 2 * 2 * param_bits / (group_size * meta_group_size)
 
 def _meta_quantize(v: Tensor, bits: int, group_size: int):
-    "RTN-quantize a vector of per-group parameters in groups of `group_size` (padded with its last value): (packed codes, fp16 scales, fp16 zeros)."
+    """RTN-quantize a vector of per-group parameters in groups of `group_size` (padded with its last value): (packed
+    codes, fp16 scales s, fp16 minimums), read back as `min + code * s`. The minimum, not the zero point z = -min/s:
+    when a meta group's values are nearly equal (scales spread by 2e-5 around 0.01), s is tiny and z about -1.3e5,
+    past fp16's 65504 — an fp16 zero would be -inf and every weight of the group NaN. The minimum is a value of the
+    vector itself, so it cannot overflow, and a scale that underflows costs at most 255 fp16 steps of 6e-8."""
     v = v.reshape(-1).float()
     if v.numel() % group_size: v = torch.cat([v, v[-1:].expand(-v.numel() % group_size)])
     q = quantize_rtn(v, bits, group_size, axis=1)
-    return pack_bits(q.Wq.to(torch.uint8), bits), q.scale.reshape(-1).half(), q.zero.reshape(-1).half()
+    lo = v.view(-1, group_size).amin(1)
+    return pack_bits(q.Wq.to(torch.uint8), bits), q.scale.reshape(-1).half(), lo.half()
 
 # %% ../nbs/07_hqq.ipynb #c7d1b511
 MAGIC, LAYOUT_VERSION, ALIGN = b'MXQ1', 1, 64
@@ -164,7 +178,7 @@ def expert_layout(shapes: dict, bits: int = 2, group_size: int = 16, axis: int =
             else:
                 padded = -(-n_groups // meta_group_size) * meta_group_size
                 sections |= {p: (packed_nbytes(padded, meta_bits), 'uint8'), p + '_scale': (padded // meta_group_size, 'float16'),
-                             p + '_zero': (padded // meta_group_size, 'float16')}
+                             p + '_min': (padded // meta_group_size, 'float16')}
         info = dict(shape=list(shape), bits=bits, group_size=group_size, axis=axis, n_groups=n_groups,
                     meta=None if meta_bits is None else dict(bits=meta_bits, group_size=meta_group_size), sections={})
         for sname, (count, dt) in sections.items():
@@ -197,7 +211,7 @@ def pack_expert(tensors: dict, bits: int = 2, group_size: int = 16, axis: int = 
         arrays = {'codes': pack_bits(q.Wq.to(torch.uint8), bits)}
         for p, v in (('scale', q.scale), ('zero', q.zero)):
             if meta_bits is None: arrays[p] = v.reshape(-1).half()
-            else: arrays[p], arrays[p + '_scale'], arrays[p + '_zero'] = _meta_quantize(v, meta_bits, meta_group_size)
+            else: arrays[p], arrays[p + '_scale'], arrays[p + '_min'] = _meta_quantize(v, meta_bits, meta_group_size)
         for sname, (off, count, dt) in header['tensors'][name]['sections'].items():
             raw = arrays[sname].contiguous().view(torch.uint8).reshape(-1)
             buf[start + off:start + off + raw.numel()] = raw
@@ -215,21 +229,26 @@ class ExpertBuffer:
     start: int = 0
 
     def dequantize(self, name: str, dtype=torch.float32) -> Tensor:
-        "Weight `name` as a dense `[out, in]` tensor: unpack the codes, then s (Wq - z) per group."
+        """Weight `name` as a dense `[out, in]` tensor in `dtype`, on the buffer's device: unpack the codes, then
+        s (Wq - z) per group — in `dtype` itself, in place, as hqq does (`(W_q - zero) * scale` in its compute dtype):
+        one `[out, in]` tensor is made, not the fp32 temporaries that would move about 16 bytes per weight. The per-group
+        scales and zeros (one per `group_size` weights) are reconstructed in fp32 first."""
         info, a = self.header['tensors'][name], self.arrays[name]
         params = {}
         for p in ('scale', 'zero'):
             if info['meta'] is None: v = a[p].float()
-            else:
+            else:                                  # meta-quantized: codes [groups/mg, mg], an fp16 scale and minimum per row
                 mb, mg = info['meta']['bits'], info['meta']['group_size']
                 c = unpack_bits(a[p], mb, a[p + '_scale'].numel() * mg).float().view(-1, mg)
-                v = ((c - a[p + '_zero'].float()[:, None]) * a[p + '_scale'].float()[:, None]).reshape(-1)
-            params[p] = v[:info['n_groups']]
+                s = a[p + '_scale'].float()[:, None]
+                if p + '_min' in a: v = (a[p + '_min'].float()[:, None] + c * s).reshape(-1)
+                else: v = ((c - a[p + '_zero'].float()[:, None]) * s).reshape(-1)   # buffers written before the minimum form
+            params[p] = v[:info['n_groups']].to(dtype)
         g, axis = info['group_size'], info['axis']
-        codes = unpack_bits(a['codes'], info['bits'], math.prod(info['shape'])).float()
         groups, pshape = ((-1, g), (-1, 1)) if axis == 1 else ((g, -1), (1, -1))
-        W = (codes.view(groups) - params['zero'].view(pshape)) * params['scale'].view(pshape)
-        return W.reshape(info['shape']).to(dtype)
+        W = unpack_bits(a['codes'], info['bits'], math.prod(info['shape'])).to(dtype).view(groups)   # [n_groups, g] (axis 1)
+        W.sub_(params['zero'].view(pshape)).mul_(params['scale'].view(pshape))
+        return W.reshape(info['shape'])
 
     def forward(self, x: Tensor, gate_fn) -> Tensor:
         "The expert on tokens `x [T, in]`: `w_out @ gate_fn(w_in @ x)`, with both weights dequantized to `x`'s dtype."
@@ -273,15 +292,20 @@ def experts_modules(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, 'has_gate') and hasattr(m, 'is_transposed')
             and (hasattr(m, 'down_proj') or hasattr(m, 'moe_qbuf'))]
 
+def quantized_expert_rows(buf: ExpertBuffer, token: Tensor, slot: Tensor, hidden_states: Tensor, top_k_weights: Tensor,
+                          gate_fn) -> Tensor:
+    """An expert's fp32 output on the tokens `token [n]` that chose it (in their top-k `slot [n]`), weighted by their
+    routing weights, run from its packed buffer where the buffer lives (the tokens go there and the result comes back)."""
+    y = buf.forward(hidden_states[token].to(buf.buf.device), gate_fn).to(hidden_states.device)
+    return y.float() * top_k_weights[token, slot, None].float()
+
 def quantized_expert_output(buf: ExpertBuffer, e: int, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                             gate_fn) -> tuple:
-    """`(token, rows)`: expert `e`'s fp32 output, weighted by its routing weights, on the tokens that chose it, run from
-    its packed buffer where the buffer lives (the tokens go there and the result comes back)."""
+    "`(token, rows)`: expert `e`'s weighted fp32 output on the tokens that chose it (`quantized_expert_rows`)."
     token, slot = torch.where(top_k_index == e)
-    y = buf.forward(hidden_states[token].to(buf.buf.device), gate_fn).to(hidden_states.device)
-    return token, y.float() * top_k_weights[token, slot, None].float()
+    return token, quantized_expert_rows(buf, token, slot, hidden_states, top_k_weights, gate_fn)
 
-def _quantized_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+def quantized_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     "Experts forward from packed buffers: each expert the batch uses is dequantized from its row of `moe_qbuf` and run on its tokens."
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     gate_fn = self._apply_gate if self.has_gate else self.act_fn
@@ -310,7 +334,7 @@ def quantize_experts(model: nn.Module, bits: int = 2, group_size: int = 16, axis
         for p in ('gate_up_proj', 'up_proj', 'down_proj'): m._parameters.pop(p, None)
         m.is_transposed = False                                 # the buffers hold [out, in] weights
         m.register_buffer('moe_qbuf', torch.stack(rows))
-    ALL_EXPERTS_FUNCTIONS.register(QUANT_IMPL, _quantized_experts_forward)
+    ALL_EXPERTS_FUNCTIONS.register(QUANT_IMPL, quantized_experts_forward)
     model.set_experts_implementation(QUANT_IMPL)
     return model
 

@@ -61,8 +61,9 @@ def model_config(cfg: TinyConfig, kind='moe'):
 def build_model(cfg: TinyConfig, kind='moe', seed=0):
     "A freshly initialised `MixtralForCausalLM` ('moe') or `MistralForCausalLM` (dense), seeded."
     config = model_config(cfg, kind)
-    torch.manual_seed(seed)
-    return (MixtralForCausalLM if kind == 'moe' else MistralForCausalLM)(config)
+    with torch.random.fork_rng():            # seeded weights; the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return (MixtralForCausalLM if kind == 'moe' else MistralForCausalLM)(config)
 
 # %% ../nbs/05_tiny_mixtral.ipynb #e125f258
 def forward_flops(config, batch_size, seq_len):
@@ -196,7 +197,6 @@ def expert_usage(model, blocks, batch_size=16):
 def sample_text(model, tokenizer, prompt, max_new_tokens=48, seed=0, temperature=0.7, top_k=40):
     """Sample a continuation of `prompt` (seeded, temperature + top-k sampling); returns prompt + continuation.
     Stops at the model's trained context (`max_position_embeddings`), with a warning if that cuts `max_new_tokens`."""
-    torch.manual_seed(seed)
     ids = tokenizer(prompt, return_tensors='pt').input_ids.to(model.device)
     room = generation_limit(model, ids.shape[1])
     if max_new_tokens > room:
@@ -204,8 +204,10 @@ def sample_text(model, tokenizer, prompt, max_new_tokens=48, seed=0, temperature
                       f"{model.config.max_position_embeddings} positions the model was trained on; generating {room}, "
                       f"not {max_new_tokens}", stacklevel=2)
         max_new_tokens = room
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng():            # seeded sampling that leaves the caller's random state as it was
+        torch.manual_seed(seed)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 # %% ../nbs/05_tiny_mixtral.ipynb #a09b1e12

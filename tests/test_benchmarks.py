@@ -26,9 +26,10 @@ def test_bench_offload_gpu_runs_on_cpu_at_a_tiny_shape(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert len(r['results']) == 8 and r['env']['h2d_bytes_per_s'] > 0
+    assert len(r['results']) == 6 and r['env']['h2d_bytes_per_s'] > 0
     for v in r['results'].values():
         assert 0 <= v['hit_rate'] <= 1 and v['bytes_per_token'] >= 0 and v['tokens_per_s'] > 0
+        assert v['host_reads_per_token'] == 2    # one read per MoE layer per decode step (--layers 2)
 
 
 def test_bench_crc_and_startup_quick(tmp_path):
@@ -46,3 +47,14 @@ def test_bench_crc_and_startup_quick(tmp_path):
     assert 0 < crc['engine_tiny_model']['checked_bytes'] <= crc['engine_tiny_model']['store_bytes']
     startup = json.loads((tmp_path / 'bench_startup.json').read_text())
     assert set(startup['results']['current']) == {'--help', 'models', 'params', 'plan'}
+
+
+def test_bench_dequant_quick(tmp_path):
+    "The dequantization benchmark runs (smoke mode): fp32 in place equals the old fp32 path, and allocates less."
+    out = tmp_path / 'dq.json'
+    res = subprocess.run([sys.executable, 'benchmarks/bench_dequant.py', '--quick', '--repeats', '1', '--out', str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    r = json.loads(out.read_text())['results']
+    for dn in ('bfloat16', 'float16', 'float32'):
+        assert r[f'in place, {dn}']['allocated_bytes'] < r[f'fp32 temporaries, {dn} (before)']['allocated_bytes']

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from moe_explained.offload import (OUTCOMES, check_family, expected_families, family_verdict, moe_families, offload,
-                                   offload_stats)
+from moe_explained.offload import offload
+from moe_explained.offload import offload_stats
+from moe_explained.testing import OUTCOMES, check_family, expected_families, family_verdict, moe_families
 
 FAMILIES = moe_families()
 TABLE = expected_families()
@@ -67,7 +68,7 @@ def test_ergo_per_expert_norm_is_served_exactly():
 def test_prefetch_off_with_a_warning_where_speculation_does_not_apply():
     "Cohere2-MoE's MoE block does not follow a `post_attention_layernorm`: the engine runs without prefetch, and says so."
     from transformers.models.cohere2_moe.modeling_cohere2_moe import Cohere2MoeForCausalLM
-    from moe_explained.offload import tiny_moe_config
+    from moe_explained.testing import tiny_moe_config
     torch.manual_seed(0)
     plain = Cohere2MoeForCausalLM(tiny_moe_config(Cohere2MoeForCausalLM.config_class)).eval()
     plain.set_experts_implementation('eager')

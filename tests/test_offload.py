@@ -8,10 +8,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from moe_explained import offload as off
 from moe_explained.cache import simulate
-from moe_explained.offload import (ExpertStore, ThreadCopier, load_offloaded, offload, offload_stats, resolve_model,
-                                   check_safetensors)
+from moe_explained.copier import ThreadCopier
+from moe_explained.hub import check_safetensors, resolve_model
+from moe_explained.offload import load_offloaded, offload, offload_stats
+import moe_explained.store as store_module
+from moe_explained.store import ExpertStore, dense_format
 from moe_explained.quant import quantize_experts
 
 BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -118,12 +120,12 @@ def test_store_holds_every_expert_once_and_files_check(tmp_path):
 def test_interrupted_store_build_leaves_nothing_that_opens(tmp_path, monkeypatch):
     m = copy.deepcopy(plain_model('mixtral'))
     calls = {'n': 0}
-    real = off.dense_format
+    real = dense_format
     def failing(*a, **k):
         calls['n'] += 1
         if calls['n'] == 2: raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(off, 'dense_format', failing)
+    monkeypatch.setattr(store_module, 'dense_format', failing)
     with pytest.raises(KeyboardInterrupt): ExpertStore.build(m, path=tmp_path, progress=False)
     assert not (tmp_path / 'experts.json').exists() and not list(tmp_path.glob('*.partial'))
     with pytest.raises(ValueError, match='missing'): ExpertStore.open(tmp_path)
@@ -458,7 +460,7 @@ def test_hub_errors_become_one_line_value_errors():
     "Every download (a model, a conversion's shards, a plan's config.json) goes through hub_call: each hub error, named."
     import re as _re
     from huggingface_hub import errors as E
-    from moe_explained.offload import hub_call
+    from moe_explained.hub import hub_call
     def raising(cls):
         def fn(): raise cls.__new__(cls)     # the HTTP errors want a response object; the class is what is tested
         return fn

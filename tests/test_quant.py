@@ -224,3 +224,20 @@ def test_models_it_cannot_serve_are_refused():
         quantize_experts(m)
     with pytest.raises(ValueError, match=r"does not divide the last dimension \(64\)"):
         quantize_attention(_family("mixtral"), 4, 128)
+
+
+def test_meta_quantization_cannot_overflow():
+    """Scales nearly equal within a meta group (spread 2e-5 around 0.01): the meta zero point -min/s would be about
+    -1.3e5, past fp16's 65504 (-inf, and NaN weights); the stored minimum is a value of the group itself."""
+    torch.manual_seed(0)
+    base = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat(4) * 0.01
+    W = torch.stack([base * (1 + 2e-3 * torch.rand(())) for _ in range(4096)]).reshape(-1, 256)   # 4096 groups of 16
+    q = quantize_rtn(W, 2, 16)
+    assert float(q.scale.max() - q.scale.min()) < 3e-5
+    buf = read_expert(pack_expert({'w_in': W, 'w_out': W}, bits=2, group_size=16))
+    for name in ('w_in', 'w_out'):
+        a = buf.arrays[name]
+        assert 'scale_zero' not in a and bool(torch.isfinite(a['scale_min']).all())
+        assert float((a['scale_min'].float() / a['scale_scale'].float()).abs().max()) > 65504   # the zero point fp16 cannot hold
+        D = buf.dequantize(name)
+        assert bool(torch.isfinite(D).all()) and torch.allclose(D, q.dequantize(), atol=1e-4)

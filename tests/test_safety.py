@@ -8,10 +8,12 @@ import torch
 
 import moe_explained.convert as C
 from helpers import tiny_mixtral_model
-import moe_explained.offload as O
+import moe_explained.offload as offload_module
+import moe_explained.store as O
 from moe_explained.cli import main
 from moe_explained.convert import convert, load_converted, save_offloaded, verify
-from moe_explained.offload import MANIFEST, LOCK, ExpertStore, load_offloaded
+from moe_explained.offload import load_offloaded
+from moe_explained.store import LOCK, MANIFEST, ExpertStore
 from moe_explained.pretrained import TINY_MIXTRAL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,7 +351,7 @@ def test_errors_speak_the_flags_the_user_typed(hub, converted, tmp_path, capsys)
     assert rc == 2 and 'fewer --max-tokens' in _one_line(err) and 'fewer --experts-bits' in err
     rc, _, err = _cli(['plan', 'mixtral-8x7b', '--device-memory', 'lots'], capsys)
     assert rc == 2 and "--device-memory lots: give bytes" in _one_line(err)
-    from moe_explained.offload import ArgumentError
+    from moe_explained.errors import ArgumentError
     e = ArgumentError('{cache_size} is out of range: need 1 <= {cache_size:name} <= 8; try {cache_size|four}', cache_size=9, four=4)
     assert str(e) == 'cache_size=9 is out of range: need 1 <= cache_size <= 8; try cache_size=4'
 
@@ -382,7 +384,7 @@ def test_ctrl_c_during_a_conversion_says_how_to_resume(hub, tmp_path, monkeypatc
 
 def test_ctrl_c_while_loading(monkeypatch, capsys):
     def interrupted(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(O, 'load_offloaded', interrupted)
+    monkeypatch.setattr(offload_module, 'load_offloaded', interrupted)
     rc, _, err = _cli(['generate', 'hello'], capsys)
     assert rc == 130 and _one_line(err) == 'moe-explained generate: interrupted'
 
@@ -426,7 +428,7 @@ def test_a_full_disk_and_a_read_only_folder(hub, tmp_path, monkeypatch, capsys):
 
 def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):
     def boom(*a, **k): raise RuntimeError('something nobody planned for\nsecond line')
-    monkeypatch.setattr(O, 'load_offloaded', boom)
+    monkeypatch.setattr(offload_module, 'load_offloaded', boom)
     rc, _, err = _cli(['generate', 'hello'], capsys)
     assert rc == 1 and 'unexpected RuntimeError: something nobody planned for' in _one_line(err)
     monkeypatch.setenv('MOE_EXPLAINED_TRACEBACK', '1')
@@ -476,7 +478,7 @@ def test_sample_samples_whatever_the_generation_config_says(tmp_path, capsys):
 def test_a_folder_without_a_tokenizer_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
     d = tmp_path / 'no-tok'; shutil.copytree(TINY_MIXTRAL_PATH, d)
     for f in ('tokenizer.json', 'tokenizer_config.json'): (d / f).unlink()
-    monkeypatch.setattr(O, 'load_offloaded', lambda *a, **k: pytest.fail('the weights were loaded before the tokenizer was checked'))
+    monkeypatch.setattr(offload_module, 'load_offloaded', lambda *a, **k: pytest.fail('the weights were loaded before the tokenizer was checked'))
     rc, _, err = _cli(['generate', 'hello', '--model', d], capsys)
     assert rc == 2 and f'cannot load the tokenizer of {d}' in _one_line(err)
 
