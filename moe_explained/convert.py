@@ -402,11 +402,11 @@ def _tied_names(model) -> set:
 
 def _check_attention(model, bits):
     "Refuse, before anything is written, attention weights hqq cannot quantize at `bits` in groups of 64."
-    from moe_explained.quant import _check_config
+    from moe_explained.quant import check_config
     lins = attention_linears(model)
     if not lins: raise ArgumentError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module: use {{attn_bits|keep}}",
                                      attn_bits=bits, keep=None)
-    for n, m in lins: _check_config(tuple(m.weight.shape), bits, 64, 1)
+    for n, m in lins: check_config(tuple(m.weight.shape), bits, 64, 1)
 
 def _convert_unit(model, unit, tensors, mods, units, experts_bits, attn_bits, group_size, meta_bits, dtype, qdevice,
                   store_file, out) -> dict:

@@ -182,7 +182,7 @@ def moe_experts(model: nn.Module, quantized: bool = False) -> list:
         out.append((layer, m))
     try: k = top_k(model)
     except ValueError: k = None
-    E = min(next(iter(expert_params(m).values())).shape[0] for _, m in out)
+    E = min(num_experts(m) for _, m in out)
     if k is not None and not 1 <= k <= E:
         raise ValueError(f"{name}: its config has num_experts_per_tok={k}, but its MoE layers have {E} experts: a router "
                          f"cannot pick {k} of {E} (the config is wrong)")

@@ -12,7 +12,7 @@ __all__ = ['load_balancing_loss', 'switch_load_balancing_loss', 'cv_squared', 'i
 import torch
 import torch.nn.functional as F
 
-from .routing import _check_k
+from .routing import check_k
 
 # %% ../nbs/02_losses.ipynb #d422ce69
 def _layers(router_logits, name='router_logits'):
@@ -70,7 +70,7 @@ def load_balancing_loss(router_logits, num_experts:int, top_k:int=2, attention_m
     layers = _layers(router_logits)
     E = layers[0].shape[-1]
     if num_experts != E: raise ValueError(f'num_experts={num_experts} but the router logits have {E} experts (last dim)')
-    _check_k(top_k, E, 'top_k')
+    check_k(top_k, E, 'top_k')
     f, P = _dispatch_and_prob(layers, top_k, _token_weights(attention_mask, layers[0].shape[0], layers[0].device))
     return E * (f * P).sum()
 
@@ -124,7 +124,7 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_std, k:int):
         raise ValueError(f'clean_logits, noisy_logits and noise_std must have the same shape, got '
                          f'{tuple(clean_logits.shape)}, {tuple(noisy_logits.shape)}, {tuple(noise_std.shape)}')
     E = clean_logits.shape[-1]
-    _check_k(k, E, 'k', hi=E - 1)
+    check_k(k, E, 'k', hi=E - 1)
     if not (noise_std > 0).all(): raise ValueError('noise_std must be positive everywhere (use Softplus(x @ W_noise))')
     clean, noisy, std = (t.reshape(-1, E).float() for t in (clean_logits, noisy_logits, noise_std))
     top = noisy.topk(k + 1, dim=-1).values

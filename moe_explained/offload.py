@@ -456,6 +456,7 @@ def temporary_store(build) -> ExpertStore:
         try: shutil.rmtree(tmp)            # POSIX: the open mapping outlives the unlinked file
         except OSError: import atexit; atexit.register(shutil.rmtree, tmp, ignore_errors=True)
 
+# %% ../nbs/10_offload.ipynb #dd43442f
 def attach(model: nn.Module, store: ExpertStore, config: OffloadConfig) -> nn.Module:
     """The last step of offloading: a model whose experts modules have no weights (they are in `store`) moves to the
     config's device, gets an `OffloadEngine`, and switches to the engine's experts implementation. `generate` will not
@@ -523,7 +524,8 @@ class OffloadStats:
             pf,
             f'moved {self.copies:,} experts, {mib(self.bytes_moved)} ({mib(self.bytes_per_token)}/token over {self.tokens:,} tokens; '
             f'prefetches {mib(self.prefetch_bytes)})',
-            f'expert memory: device {mib(self.device_bytes)}, host RAM {mib(self.host_bytes)}, disk {mib(self.disk_bytes)}']
+            f'expert memory: device {mib(self.device_bytes)}, host RAM {mib(self.host_bytes)}, disk {mib(self.disk_bytes)}',
+            f'routing data read to the host {self.host_reads:,} times (once per MoE layer call, the next layer\'s guess included)']
             + ([f'CRC-32 checks: {mib(self.checked_bytes)} of rows, each on its first read, in {self.check_seconds * 1e3:,.1f} ms']
                if self.checked_bytes else []))
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import one_line
-from .experts import drop_experts, expert_params, moe_experts, run_one_expert
+from .experts import drop_experts, expert_params, moe_experts, num_experts, register_experts, run_one_expert
 from .trace import find_moe_blocks
 
 # %% ../nbs/12_expert_parallel.ipynb #a74d9dbe
@@ -147,12 +147,11 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
                          "dist.init_process_group first")
     W, me = dist.get_world_size(group), dist.get_rank(group)
     for layer, m in moe_experts(model):
-        owners = expert_owners(next(iter(expert_params(m).values())).shape[0], W)
+        owners = expert_owners(num_experts(m), W)
         local = local_experts(m, owners, me)
         drop_experts(m, False)
         m._moe_ep = _EPLayer(m, owners, local, group, CommStats())
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    ALL_EXPERTS_FUNCTIONS.register(EP_IMPL, _ep_experts_forward)
+    register_experts(EP_IMPL, _ep_experts_forward)
     model.set_experts_implementation(EP_IMPL)
     return model
 
@@ -214,7 +213,7 @@ def check_block(model: nn.Module, tokens: int = 48, seed: int = 0) -> dict:
     _, w, idx = router(h)
     ref = m(h, idx, w)
     mine = slice(me * tokens // W, (me + 1) * tokens // W)
-    owners = expert_owners(next(iter(expert_params(m).values())).shape[0], W)
+    owners = expert_owners(num_experts(m), W)
     ep = _EPLayer(m, owners, local_experts(m, owners, me), None, CommStats())
     got = _gather(ep_exchange(h[mine], idx[mine], w[mine], ep.compute, ep.owners, stats=ep.stats))
     return dict(equal=bool(torch.equal(got, ref)), max_abs_diff=float((got - ref).abs().max()), remote_pairs=ep.stats.remote,

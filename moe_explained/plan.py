@@ -166,9 +166,9 @@ def write_shipped_table(path=SHIPPED):
 
 def shipped_name(model):
     "The shipped config `model` names (its name in any case, or its hub id as chapter 00a lists it; a local path wins), or None."
-    from moe_explained.configs import CONFIGS, SOURCES, _canon
+    from moe_explained.configs import CONFIGS, SOURCES, canonical_name
     if not isinstance(model, str): return None
-    if _canon(model) in CONFIGS: return _canon(model)
+    if canonical_name(model) in CONFIGS: return canonical_name(model)
     if Path(model).expanduser().exists(): return None
     return {src[0].lower(): n for n, src in SOURCES.items()}.get(model.strip().lower())
 

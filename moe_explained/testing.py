@@ -51,6 +51,7 @@ def tiny_moe_config(config_class, **overrides):
     kw['num_hidden_layers'] = n
     return config_class(**(kw | overrides))
 
+# %% ../nbs/10e_families.ipynb #05284cad
 class FamilySkipped(Exception):
     "A family the sweep cannot check: `status` is 'not applicable' or 'not built', `detail` says why."
     def __init__(self, status, detail): super().__init__(detail); self.status, self.detail = status, detail
@@ -105,6 +106,7 @@ def check_family(family: str, cache_size: int = 2) -> tuple:
     if torch.equal(out, ref): return 'passed', detail
     return 'failing', f'logits differ by up to {(out - ref).abs().max().item():.3g} ({detail})'
 
+# %% ../nbs/10e_families.ipynb #406edfea
 FAMILY_TABLE = Path(str(importlib.resources.files('moe_explained'))) / 'data' / 'families.csv'
 OUTCOMES = ('passed', 'refused', 'not applicable', 'not built')
 
