@@ -21,11 +21,10 @@ from .errors import check_int
 from .experts import drop_experts, expert_params, moe_experts
 from .hub import check_safetensors, check_safetensors_file, hub_call, resolve_device
 from .offload import OffloadConfig, attach, check_host_miss, check_model, offload
-from .quant import check_bits
 from .store import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, expert_rows, folder_lock, partial_file,
                                  write_rows, write_store_index)
 from .plan import meta_model
-from .quant import SUPPORTED_BITS, attention_linears, quantize_attention
+from .quant import SUPPORTED_BITS, attention_linears, check_attention, check_bits, quantize_attention
 
 # %% ../nbs/11_real_models.ipynb #47a5b94f
 FORMAT_VERSION = 1
@@ -272,7 +271,7 @@ def convert(name_or_path, out, experts_bits=2, attn_bits=4, group_size: int = 16
     if isinstance(dtype, str): dtype = getattr(torch, dtype)
     model = meta_model(config, dtype=dtype)
     mods = dict(moe_experts(model, quantized=experts_bits is not None))   # refuses a non-MoE model before writing anything
-    if attn_bits is not None: _check_attention(model, attn_bits)
+    if attn_bits is not None: check_attention(model, attn_bits)   # before anything is written
     options = _options(experts_bits, attn_bits, group_size, meta_bits, dtype)
     source = dict(path=str(src.folder.resolve()) if src.folder else None, repo=src.repo, revision=revision)
     with folder_lock(out):
@@ -399,14 +398,6 @@ def _tied_names(model) -> set:
     if not getattr(tc, 'tie_word_embeddings', getattr(model.config, 'tie_word_embeddings', False)): return set()
     out = model.get_output_embeddings()
     return set() if out is None else {f'{n}.weight' for n, m in model.named_modules() if m is out}
-
-def _check_attention(model, bits):
-    "Refuse, before anything is written, attention weights hqq cannot quantize at `bits` in groups of 64."
-    from moe_explained.quant import check_config
-    lins = attention_linears(model)
-    if not lins: raise ArgumentError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module: use {{attn_bits|keep}}",
-                                     attn_bits=bits, keep=None)
-    for n, m in lins: check_config(tuple(m.weight.shape), bits, 64, 1)
 
 def _convert_unit(model, unit, tensors, mods, units, experts_bits, attn_bits, group_size, meta_bits, dtype, qdevice,
                   store_file, out) -> dict:

@@ -27,7 +27,7 @@ from .experts import (expert_params, moe_experts, num_experts, register_experts,
                                    standard_eager, top_k)
 from .hub import check_safetensors, resolve_device, resolve_model
 from .moe import expert_weights
-from .quant import (QUANT_IMPL, check_bits, expert_nbytes, quantize_attention, quantized_expert_rows,
+from .quant import (QUANT_IMPL, check_attention, check_bits, expert_nbytes, quantize_attention, quantized_expert_rows,
                                  quantized_experts_forward)
 from .speculate import Speculator
 from .store import ExpertStore, row_views, store_folder
@@ -418,14 +418,28 @@ def offload(model: nn.Module, config: OffloadConfig = None, progress: bool = Tru
     mods = check_model(model, config)
     folder = None if config.offload_folder is None else store_folder(config.offload_folder)
     if config.store == 'disk': _check_store_space(mods, config, folder)
-    if config.attn_bits is not None:   # checks every shape before replacing anything; HQQLinear stays where it is made
-        quantize_attention(model, config.attn_bits, compute_dtype=model.dtype, device=config.device)
+    if config.attn_bits is not None: check_attention(model, config.attn_bits)
     pin = config.device.type == 'cuda' and config.store == 'memory'
-    build = partial(ExpertStore.build, model, bits=config.experts_bits, group_size=config.group_size, pin=pin, progress=progress)
+    build = partial(ExpertStore.build, model, bits=config.experts_bits, group_size=config.group_size, pin=pin,
+                    progress=progress, hold=True)        # an interrupted build gives the experts back by itself
     if config.store == 'memory': experts_store = build()
     elif folder is not None: experts_store = build(path=folder)
     else: experts_store = temporary_store(build)
-    return attach(model, experts_store, config)
+    where = next(model.parameters()).device
+    try:
+        if config.attn_bits is not None:   # HQQLinear stays where it is made
+            quantize_attention(model, config.attn_bits, compute_dtype=model.dtype, device=config.device)
+        return attach(model, experts_store, config)
+    except BaseException:                  # a later step failed: the experts go back where they were
+        engine = model.__dict__.pop('moe_offload', None)
+        if engine is not None:
+            engine.remove_hooks(); engine.copier.close()
+            model.set_experts_implementation(engine.previous_impl)
+        for _, m in mods: m.__dict__.pop('_moe_offload', None)
+        model.to(where)
+        experts_store.give_back(where)
+        raise
+    finally: experts_store.release()
 
 def _check_store_space(mods, config, folder):
     "Refuse a disk store that the free space of its folder (or the temporary folder) cannot hold."

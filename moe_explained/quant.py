@@ -9,7 +9,8 @@ __all__ = ['SUPPORTED_BITS', 'MAGIC', 'LAYOUT_VERSION', 'ALIGN', 'QUANT_IMPL', '
            'quantize_rtn', 'check_bits', 'shrink_lp', 'quantize_hqq', 'packed_nbytes', 'pack_bits', 'unpack_bits',
            'bits_per_weight', 'expert_layout', 'expert_nbytes', 'pack_expert', 'ExpertBuffer', 'read_expert',
            'expert_views', 'experts_modules', 'quantized_expert_rows', 'quantized_expert_output',
-           'quantized_experts_forward', 'quantize_experts', 'attention_linears', 'quantize_attention']
+           'quantized_experts_forward', 'quantize_experts', 'attention_linears', 'check_attention',
+           'quantize_attention']
 
 # %% ../nbs/07_hqq.ipynb #b6c713f6
 import json, math, struct, zlib
@@ -342,14 +343,23 @@ def attention_linears(model: nn.Module) -> list:
     "`(name, module)` of every `nn.Linear` inside an attention module (`*.self_attn.*`): what `quantize_attention` replaces."
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and '.self_attn.' in f'.{n}.']
 
+def check_attention(model: nn.Module, bits: int, group_size: int = 64) -> list:
+    """Refuse, before anything changes, a model whose attention `quantize_attention` cannot quantize at `bits` in groups
+    of `group_size` (no `nn.Linear` inside a `self_attn` module, or a weight the groups do not divide). Returns the targets."""
+    from moe_explained.errors import ArgumentError
+    targets = attention_linears(model)
+    if not targets:
+        raise ArgumentError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module: use {{attn_bits|keep}}",
+                            attn_bits=bits, keep=None)
+    for n, lin in targets: check_config(tuple(lin.weight.shape), bits, group_size, 1)
+    return targets
+
 def quantize_attention(model: nn.Module, bits: int = 4, group_size: int = 64, compute_dtype=torch.float32, device=None) -> nn.Module:
     """Replace, in place, every `nn.Linear` inside an attention module (`*.self_attn.*`) by the `hqq` library's `HQQLinear`
     (HQQ, no meta-quantization), quantized and kept on `device` (default: where the weight is). `HQQLinear` ignores
     `.to()`, so the device is chosen here, and `compute_dtype` must be the dtype the model runs in."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    targets = attention_linears(model)
-    if not targets: raise ValueError(f"{type(model).__name__} has no nn.Linear inside a `self_attn` module to quantize")
-    for n, lin in targets: check_config(tuple(lin.weight.shape), bits, group_size, 1)
+    targets = check_attention(model, bits, group_size)
     cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
     for n, lin in targets:
         parent, child = n.rsplit('.', 1)

@@ -66,7 +66,7 @@ class ExpertStore:
         self.resident = set(rows) if path is None else set()     # layers whose rows are in host RAM, not mapped
         self.crc32, self.temporary = crc32 or {}, temporary
         self.checked = {l: bytearray(len(c)) for l, c in self.crc32.items()}   # 1 once a row has passed its check
-        self.check_bytes, self.check_seconds = 0, 0.0
+        self.check_bytes, self.check_seconds, self.held = 0, 0.0, []
 
     layers = property(lambda self: sorted(self.rows), doc="The MoE layers' decoder-layer indices.")
     def num_experts(self, layer: int) -> int: return self.rows[layer].shape[0]
@@ -171,14 +171,16 @@ def put_back(m: nn.Module, weights, transposed: bool, device=None):
 @patch(cls_method=True)
 @torch.no_grad()
 def build(cls: ExpertStore, model: nn.Module, bits=None, group_size: int = 16, meta_bits=8, path=None, pin: bool = False,
-          progress: bool = True) -> 'ExpertStore':
+          progress: bool = True, hold: bool = False) -> 'ExpertStore':
     """Move every expert of `model` (transformers' experts interface) into a store: dense in the model's dtype
     (`bits=None`) or quantized to `bits` with HQQ (chapter 07's packed buffers). Layer by layer, each experts
     module's weights are written to the store and then dropped from the module, so no second full copy of the
     experts exists at any time; if the build does not finish (an error, Ctrl-C), every module dropped so far gets its
-    weights back (from the rows in memory, or from the parameters held until the end), so the model is as it was. With `path` (a folder that is empty or holds only an earlier store: `store_folder`),
-    the rows go to `path/experts.bin` under a temporary name, renamed when complete (a process still reading the
-    old file keeps a valid mapping), then the index; they are memory-mapped back."""
+    weights back (from the rows in memory, or from the parameters held until the end), so the model is as it was; with
+    `hold`, the store keeps that way back (`give_back`) until the caller's next steps have succeeded (`release`). With
+    `path` (a folder that is empty or holds only an earlier store: `store_folder`), the rows go to `path/experts.bin`
+    under a temporary name, renamed when complete (a process still reading the old file keeps a valid mapping), then
+    the index; they are memory-mapped back."""
     from tqdm.auto import tqdm
     blocks = [(layer, block.experts) for layer, _, block, _ in find_moe_blocks(model)]
     path = None if path is None else Path(path)
@@ -208,8 +210,22 @@ def build(cls: ExpertStore, model: nn.Module, bits=None, group_size: int = 16, m
         else:
             out.commit()
             write_store_index(path, index)
-        dropped.clear()
-    return result if out is None else cls.open(path)
+        held, dropped[:] = list(dropped), []                    # built: nothing to put back on the way out
+    store = result if out is None else cls.open(path)
+    store.held = held if hold else []
+    return store
+
+@patch
+def give_back(self: ExpertStore, device=None):
+    """Put every expert a `build(..., hold=True)` took back into its module (a later step of offloading failed); weights
+    rebuilt from rows in memory go to `device` (default: where the rows are)."""
+    for m, *d in reversed(self.held): put_back(m, *d, device=device)
+    self.held = []
+
+@patch
+def release(self: ExpertStore):
+    "Forget the way back of `build(..., hold=True)`: the experts now live in the store only."
+    self.held = []
 
 # %% ../nbs/10b_store.ipynb #2920aa35
 def _index_problem(layers, size: int):

@@ -319,3 +319,18 @@ def test_params_on_meta_touches_only_the_calling_thread():
         inside.set(); t.join(5)
     assert mine.weight.is_meta and not other['linear'].weight.is_meta
     assert torch.nn.Module.register_parameter is register
+
+
+@pytest.mark.parametrize('where', ['attention', 'engine'])
+def test_a_failure_after_the_store_is_built_leaves_the_model_as_it_was(monkeypatch, where):
+    "Attention quantization or the engine's construction failing (out of memory, Ctrl-C) gives the experts back."
+    import moe_explained.offload as offload_module
+    plain = _plain(3)
+    m = copy.deepcopy(plain)
+    def boom(*a, **k): raise KeyboardInterrupt
+    if where == 'attention': monkeypatch.setattr(offload_module, 'quantize_attention', boom)
+    else: monkeypatch.setattr(OffloadedExperts, '__init__', boom)
+    with pytest.raises(KeyboardInterrupt): offload(m, cache_size=2, attn_bits=4 if where == 'attention' else None, progress=False)
+    assert not hasattr(m, 'moe_offload') and not any(hasattr(b.mlp.experts, '_moe_offload') for b in m.model.layers)
+    assert m.get_experts_implementation() == plain.get_experts_implementation()
+    assert torch.equal(_logits(m), _logits(plain))
