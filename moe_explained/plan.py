@@ -237,14 +237,14 @@ def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, bu
               'activations, allocator slack (reserve)': device_reserve}
     store_bytes, layer_bytes = L * E * nb, E * nb
     held = pinned_nbytes(layer_bytes) if pin_host else layer_bytes            # what one resident layer really takes
-    bounce = pinned_nbytes(nb) if pin_host else 0                            # the copier's buffer for rows read from disk
+    bounce = 2 * pinned_nbytes(nb) if pin_host else 0                        # the copier's two buffers for rows read from disk
     room = max(budget['host'] - host_reserve, 0)
     resident = L if L * held <= room else max(room - bounce, 0) // held
     store = 'memory' if resident == L else 'split' if resident else 'disk'
     rounded = f', pinned (rounded up to {_fmt(held).strip()} a layer)' if pin_host else ''
     host = {'Python, torch, CUDA libraries, tokenizer (reserve)': host_reserve,
             f'expert store in RAM{rounded}: {resident} of {L} layers': resident * held}
-    if store != 'memory' and bounce: host['pinned bounce buffer for rows read from disk'] = bounce
+    if store != 'memory' and bounce: host['pinned bounce buffers for rows read from disk (2, double-buffered)'] = bounce
     rest = converted_nbytes(sizes, experts_bits, attn_bits, group_size, dtype_bytes) - store_bytes
     disk = {f'expert store (experts.bin): {L} x {E} x {_fmt(nb).strip()}': store_bytes,
             'other weights (weights-*.safetensors)': rest,

@@ -150,13 +150,13 @@ def test_one_host_read_per_moe_layer_per_decode_step(monkeypatch):
     m = offload(_plain(4), cache_size=2, prefetch=True, progress=False)
     from transformers import DynamicCache
     cache = DynamicCache(config=m.config)
-    with torch.no_grad(): out = m(IDS, past_key_values=cache, use_cache=True)      # the prefill
+    with torch.no_grad(): out = m(IDS, cache=cache, use_cache=True)      # the prefill
     counted = _count_reads(monkeypatch, m)
     before = m.moe_offload.host_reads
     nxt = out.logits[:, -1:].argmax(-1)
     steps = 5
     for _ in range(steps):
-        with torch.no_grad(): out = m(nxt, past_key_values=cache, use_cache=True)
+        with torch.no_grad(): out = m(nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     L = len(m.moe_offload.layers)
     assert counted['reads'] == steps * L, counted                    # 4 MoE layers x 5 steps, and nothing else
