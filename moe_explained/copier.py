@@ -115,8 +115,8 @@ class CudaCopier(ThreadCopier):
         if check is not None: check()
         self._count(dst, 'staging'); dst.copy_(src, non_blocking=src.is_pinned())   # compute stream
     def drain(self):
-        super().drain()
-        self.stream.synchronize()
+        try: super().drain()
+        finally: self.stream.synchronize()     # also when a copy failed: nothing is still running on the device
 
 class _BounceHandle(_FutureHandle):
     "A disk-tier copy: the host waits for the read into the bounce buffer; the device waits for the copy's event."

@@ -174,7 +174,8 @@ def _forward(self: OffloadedExperts, hidden_states, top_k_index, top_k_weights):
         src[e] = _Source('host') if host_miss else _Source('slot', s)
     for e in ids:                              # misses it does not keep (a prefill using more experts than slots)
         if e not in src: src[e] = _Source('host' if host_miss else 'staging')
-    if target is not None and guess: self.engine.layers[target].prefetch(guess)   # queues behind this layer's misses
+    prefetch = (lambda: self.engine.layers[target].prefetch(guess)) if target is not None and guess else (lambda: None)
+    if not deferred: prefetch()              # the next layer's guesses queue behind this layer's own misses
     # 3. compute the hits, then start the deferred copies (into slots the hits were read from), then the misses;
     #    the outputs are summed in expert order
     outs = {}
@@ -182,6 +183,7 @@ def _forward(self: OffloadedExperts, hidden_states, top_k_index, top_k_weights):
         if missed and deferred:
             after = self.engine.record_event()
             for d, s in deferred: self._load(d, s, after)
+            prefetch()                       # ... and behind the deferred ones too
         for e in ids:
             if hits[e] != missed:
                 outs[e] = self._expert(e, self._weights(src[e], e), src[e].kind == 'host', pairs[e], hidden_states, top_k_weights)

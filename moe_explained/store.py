@@ -10,7 +10,7 @@ __all__ = ['STORE_VERSION', 'ROW_ALIGN', 'BLOCK_ALIGN', 'STORE_INDEX', 'STORE_DA
            'partial_file', 'folder_lock', 'store_folder']
 
 # %% ../nbs/10b_store.ipynb #21eef56b
-import contextlib, json, math, os, re, time, zlib
+import contextlib, json, math, os, re, threading, time, zlib
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ class ExpertStore:
         self.resident = set(rows) if path is None else set()     # layers whose rows are in host RAM, not mapped
         self.crc32, self.temporary = crc32 or {}, temporary
         self.checked = {l: bytearray(len(c)) for l, c in self.crc32.items()}   # 1 once a row has passed its check
-        self.check_bytes, self.check_seconds, self.held = 0, 0.0, []
+        self.check_bytes, self.check_seconds, self.held, self.lock = 0, 0.0, [], threading.Lock()
 
     layers = property(lambda self: sorted(self.rows), doc="The MoE layers' decoder-layer indices.")
     def num_experts(self, layer: int) -> int: return self.rows[layer].shape[0]
@@ -86,7 +86,8 @@ class ExpertStore:
         t = time.perf_counter()
         row = self.rows[layer][e]
         ok = zlib.crc32(row.numpy()) == self.crc32[layer][e]
-        self.check_seconds += time.perf_counter() - t; self.check_bytes += row.numel()
+        with self.lock:                          # the copy thread and the main thread both check rows
+            self.check_seconds += time.perf_counter() - t; self.check_bytes += row.numel()
         if not ok:
             where = self.path / STORE_DATA if self.path is not None else 'the expert store'
             raise ValueError(f"corrupted expert store {where}: layer {layer}, expert {e} fails its CRC-32 check (its bytes "
