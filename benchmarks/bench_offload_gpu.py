@@ -73,11 +73,6 @@ def build(device, layers, quick):
     return model.eval(), ExpertStore(rows, {l: fmt for l in rows})
 
 
-def engaged(model, store, config):
-    "`model` with an engine of `config` attached (slots allocated); `detach` frees them for the next variant."
-    return attach(model, store, config)
-
-
 def detach(model):
     "Stop the engine's copies and drop its slots (the store stays): the next variant attaches its own."
     eng = model.moe_offload
@@ -150,7 +145,7 @@ def main():
     for r in range(a.repeats):
         for name in random.sample(list(variants), len(variants)):
             n = a.host_tokens if variants[name].miss == 'host' else a.tokens
-            engaged(model, store, variants[name])
+            attach(model, store, variants[name])          # this variant's slots; detach frees them
             try: s, st = decode(model, n, a.device, vocab)
             finally: detach(model)
             st['tokens'] = n

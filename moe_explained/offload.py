@@ -197,12 +197,12 @@ def _expert(self: OffloadedExperts, e, w, on_host, pair, hidden_states, top_k_we
     if self.mode == 'hqq': return token, quantized_expert_rows(w, token, slot, hidden_states, top_k_weights, self.gate_fn)   # chapter 07's
     x, weight, dev = hidden_states[token], top_k_weights[token, slot, None], hidden_states.device   # [n, H], [n, 1]
     host = next(iter(w.values())).device
-    if on_host: x, weight = x.to(host), weight.to(host)
+    if on_host: x = x.to(host)
     if self.mode == 'eager':                  # transformers' standard eager experts forward, operation for operation
         gate, up = F.linear(x, w['gate_up_proj']).chunk(2, dim=-1)
         y = F.linear(self.module.act_fn(gate) * up, w['down_proj']).to(dev)
-        return token, y * top_k_weights[token, slot, None]
-    return token, run_one_expert(self.module, w, x, weight, e).to(dev)   # generic: the class's own loop, on this expert
+        return token, y * weight
+    return token, run_one_expert(self.module, w, x, weight.to(host), e).to(dev)   # generic: the class's own loop, on this expert
 
 @patch
 def _combine(self: OffloadedExperts, ids, outs, hidden_states):
