@@ -8,7 +8,7 @@ __version__ = "0.0.1"
 #   from moe_explained.convert import convert; convert(repo, "mixtral-2bit")   (chapter 11; moe_explained/convert.py)
 #   model = moe_explained.load_converted("mixtral-2bit")
 _LAZY = {"tiny_mixtral": "pretrained", "TINY_MIXTRAL_PATH": "pretrained",
-         "load_offloaded": "offload", "offload_stats": "offload", "plan_memory": "plan",
+         "load_offloaded": "checkpoint", "offload_stats": "offload", "plan_memory": "plan",
          "load_converted": "convert", "save_offloaded": "convert"}
 
 

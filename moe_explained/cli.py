@@ -215,14 +215,16 @@ _LOAD_ARGS = (  # how `generate` loads its model (`load_model` reads them)
     arg('--miss', choices=('copy', 'host'), default='copy', help='where a missed expert runs (default copy)'),
     arg('--store', choices=('memory', 'disk'), default='memory',
         help='experts in host RAM, or memory-mapped from disk (from --offload-folder, or a temporary file removed when the command ends)'),
-    arg('--offload-folder', default=None, help='an empty folder to keep the disk store in (with --store disk)'))
+    arg('--offload-folder', default=None, help='an empty folder to keep the disk store in (with --store disk, for a model loaded whole)'),
+    arg('--host-memory', default=None, help="host RAM for experts read from the model's files: bytes or '12GiB' (default: what is available less 2 GiB)"))
 
 def load_model(args):
     """`(model, tokenizer)` for the loading options of `generate`: the config and the tokenizer first (a model folder
-    without one is refused before any weight is read), then the model offloaded — a converted folder as it is (`load_converted`),
-    anything else through `load_offloaded` (`--experts-bits 0` / `--attn-bits 0` keep the weights as they are)."""
-    from moe_explained import offload
-    from moe_explained.errors import ArgumentError, one_line
+    without one is refused before any weight is read), then the model offloaded through the one entry point,
+    `load_offloaded` (chapter 11b): a checkpoint served from its own files, a converted folder as it is, `--experts-bits`
+    converted once into a cache (`--experts-bits 0` / `--attn-bits 0` keep the weights as they are)."""
+    from moe_explained import checkpoint
+    from moe_explained.errors import one_line
     from moe_explained.hub import resolve_model
     path = resolve_model(args.model)
     from transformers import AutoConfig, AutoTokenizer
@@ -233,21 +235,10 @@ def load_model(args):
     except Exception as e:
         raise ValueError(f"cannot load the tokenizer of {path} ({one_line(e, 160)}): a model folder needs its tokenizer files "
                          f"(tokenizer.json, or tokenizer.model with its config)") from None
-    experts_bits, attn_bits = args.experts_bits or None, args.attn_bits or None
-    if (path / 'moe_offload.json').exists():      # a converted model (chapter 11): loaded as it is, nothing quantized again
-        from moe_explained.convert import load_converted
-        if experts_bits is not None or attn_bits is not None:
-            raise ArgumentError(f"{path} is a converted model, quantized when it was converted: drop {{experts_bits:name}}"
-                                f" and {{attn_bits:name}}", experts_bits=experts_bits, attn_bits=attn_bits)
-        if args.offload_folder is not None:
-            raise ArgumentError(f"{path} is a converted model: its store is memory-mapped from it; drop {{offload_folder:name}}",
-                                offload_folder=args.offload_folder)
-        model = load_converted(path, cache_size=args.cache_size, device=args.device, prefetch=args.prefetch, miss=args.miss,
-                               resident_layers=0 if args.store == 'disk' else None, progress=False)
-    else:
-        model = offload.load_offloaded(path, cache_size=args.cache_size, experts_bits=experts_bits, attn_bits=attn_bits,
-                               device=args.device, prefetch=args.prefetch, miss=args.miss, store=args.store,
-                               offload_folder=args.offload_folder, progress=False)
+    model = checkpoint.load_offloaded(args.model if args.model is not None else path, cache_size=args.cache_size,
+                                      experts_bits=args.experts_bits or None, attn_bits=args.attn_bits or None,
+                                      device=args.device, prefetch=args.prefetch, miss=args.miss, store=args.store,
+                                      offload_folder=args.offload_folder, host_memory=args.host_memory, progress=False)
     if tok.pad_token_id is None: tok.pad_token = tok.eos_token
     tok.padding_side = 'left'                     # a decoder-only model continues each row from its last real token
     return model, tok

@@ -6,8 +6,8 @@ Docs: https://moe-explained.github.io/moe_explained/offload.html.md"""
 
 # %% auto #0
 __all__ = ['logger', 'MISS_MODES', 'STORES', 'OFFLOAD_IMPL', 'route', 'expert_pairs', 'OffloadedExperts', 'OffloadConfig',
-           'OffloadEngine', 'check_model', 'check_host_miss', 'offload', 'temporary_store', 'attach', 'load_offloaded',
-           'OffloadStats', 'offload_stats']
+           'OffloadEngine', 'check_model', 'check_host_miss', 'offload', 'temporary_store', 'attach',
+           'load_and_offload', 'OffloadStats', 'offload_stats']
 
 # %% ../nbs/10_offload.ipynb #b4875e43
 import copy, dataclasses, logging, math, shutil, tempfile, warnings
@@ -30,6 +30,7 @@ from .moe import expert_weights
 from .quant import (QUANT_IMPL, check_attention, check_bits, expert_nbytes, quantize_attention, quantized_expert_rows,
                                  quantized_experts_forward)
 from .speculate import Speculator
+from .plan import parse_bytes
 from .store import ExpertStore, row_views, store_folder
 from .trace import find_moe_blocks
 
@@ -222,7 +223,8 @@ class OffloadConfig:
     `group_size`: the experts' HQQ group; `device`: 'cpu', 'cuda', 'cuda:1' or 'auto'/None (normalised once, with its
     index: `resolve_device`); `prefetch`: True (k guesses per layer), False, or a number of guesses; `miss`: 'copy' a
     missed expert into a slot, or compute it on the 'host'; `store`: 'memory' (host RAM, pinned on CUDA) or 'disk'
-    (memory-mapped, from `offload_folder` or a temporary file); `policy`: chapter 08's eviction policy."""
+    (memory-mapped, from `offload_folder` or a temporary file); `policy`: chapter 08's eviction policy; `host_memory`:
+    bytes (or '12GiB') of host RAM for experts read from a model's files (chapter 11b; default: what is available)."""
     cache_size: int = 2
     experts_bits: int | None = None
     attn_bits: int | None = None
@@ -233,6 +235,7 @@ class OffloadConfig:
     store: str = 'memory'
     offload_folder: object = None
     policy: object = 'LRU'
+    host_memory: object = None
 
     def __post_init__(self):
         check_int('cache_size', self.cache_size, 1)
@@ -249,6 +252,7 @@ class OffloadConfig:
             raise ArgumentError(f"{{policy:name}} {pol!r} needs the future (a bound for the simulator, chapter 08); the engine cannot run it", policy=pol)
         if self.offload_folder is not None and self.store != 'disk':
             raise ArgumentError("{offload_folder:name} is for {store|disk}", offload_folder=self.offload_folder, disk='disk')
+        if self.host_memory is not None: parse_bytes(self.host_memory, 'host_memory')
         self.device = resolve_device(self.device)
 
     @classmethod
@@ -270,7 +274,7 @@ def _offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     off = getattr(self, '_moe_offload', None)
     if off is None:
         raise RuntimeError(f"this {type(self).__name__} is not offloaded (no `_moe_offload`); load the model with "
-                           f"moe_explained.offload.load_offloaded or offload()")
+                           f"moe_explained.load_offloaded or offload()")
     return off(hidden_states, top_k_index, top_k_weights)
 
 class OffloadEngine:
@@ -372,10 +376,10 @@ def remove(self: OffloadEngine, model: nn.Module) -> nn.Module:
     chapter 07's `moe_qbuf` — with the experts implementation the model had. Returns the plain model."""
     self.copier.drain(); self.copier.close(); self.remove_hooks()
     for layer, l in self.layers.items():
-        m, rows = l.module, self.store.rows[layer]
-        if l.fmt['kind'] == 'hqq': m.register_buffer('moe_qbuf', rows.to(self.device, copy=True))
+        m, rows = l.module, [self.store.row(layer, e) for e in range(l.E)]
+        if l.fmt['kind'] == 'hqq': m.register_buffer('moe_qbuf', torch.stack(rows).to(self.device))
         else:
-            views = [row_views(l.fmt, rows[e]) for e in range(l.E)]
+            views = [row_views(l.fmt, r) for r in rows]
             for name in l.fmt['fields']:
                 m._parameters[name] = nn.Parameter(torch.stack([v[name] for v in views]).to(self.device), requires_grad=False)
         del m._moe_offload
@@ -417,6 +421,7 @@ def offload(model: nn.Module, config: OffloadConfig = None, progress: bool = Tru
     implementation becomes the engine's. Every check — the options, the model, the disk space — runs before anything
     changes, so an error leaves the model as it was. Returns the model; `offload_stats(model)` reports on it."""
     config = OffloadConfig.make(config, **options)
+    if config.host_memory is not None: _no_host_memory(config)
     mods = check_model(model, config)
     folder = None if config.offload_folder is None else store_folder(config.offload_folder)
     if config.store == 'disk': _check_store_space(mods, config, folder)
@@ -442,6 +447,11 @@ def offload(model: nn.Module, config: OffloadConfig = None, progress: bool = Tru
         experts_store.give_back(where)
         raise
     finally: experts_store.release()
+
+def _no_host_memory(config):
+    raise ArgumentError("{host_memory:name} budgets the experts read from a model's files (moe_explained.load_offloaded); "
+                        "a model loaded whole holds them in RAM already: drop it, or choose {store|disk}",
+                        host_memory=config.host_memory, disk='disk')
 
 def _check_store_space(mods, config, folder):
     "Refuse a disk store that the free space of its folder (or the temporary folder) cannot hold."
@@ -486,13 +496,16 @@ def attach(model: nn.Module, store: ExpertStore, config: OffloadConfig) -> nn.Mo
     model.generation_config.disable_compile = True
     return model.eval()
 
-def load_offloaded(name_or_path=None, config: OffloadConfig = None, dtype=None, progress: bool = True, **options) -> nn.Module:
-    """Load a transformers MoE model (a local folder, a hub id, or `None` for the packaged tiny Mixtral) with its
-    experts offloaded (see `offload`; `config` or its fields as keyword `options`). Everything is checked first — the
+def load_and_offload(name_or_path=None, config: OffloadConfig = None, dtype=None, progress: bool = True, **options) -> nn.Module:
+    """Load a transformers MoE model (a local folder, a hub id, or `None` for the packaged tiny Mixtral) whole, with
+    `from_pretrained`, then offload its experts (see `offload`; `config` or its fields as keyword `options`): every
+    weight passes through host memory once, so the model must fit in RAM — chapter 11b's `load_offloaded` serves a
+    checkpoint from its own files instead, and falls back to this. Everything is checked first — the
     options, the folder or hub id, the weights files, that the model is MoE and its experts use transformers' experts
     interface — then the model is loaded (`dtype`: default the checkpoint's) and offloaded. Works with `generate()`,
     streamers, chat templates, pipelines."""
     config = OffloadConfig.make(config, **options)
+    if config.host_memory is not None: _no_host_memory(config)
     if config.offload_folder is not None: store_folder(config.offload_folder)   # before a long load: a folder holding anything else is refused
     path = resolve_model(name_or_path, progress)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -548,7 +561,7 @@ class OffloadStats:
 def offload_stats(model: nn.Module) -> OffloadStats:
     "The engine's counters and memory of an offloaded model (see `OffloadStats`)."
     eng = getattr(model, 'moe_offload', None)
-    if not isinstance(eng, OffloadEngine): raise ValueError(f"{type(model).__name__} is not offloaded: load it with load_offloaded()")
+    if not isinstance(eng, OffloadEngine): raise ValueError(f"{type(model).__name__} is not offloaded: load it with moe_explained.load_offloaded()")
     s, layers = eng.stats(), list(eng.layers.values())
     pending = sum(len(l.cache.pending) for l in layers)
     st = eng.store

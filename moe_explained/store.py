@@ -17,6 +17,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
+from .copier import copy_row
 from .errors import ArgumentError
 from .experts import drop_experts, expert_params
 from .moe import expert_weights
@@ -60,13 +61,16 @@ class ExpertStore:
     row `e` is expert `e`'s one contiguous buffer (dense weights, or chapter 07's packed HQQ buffer), so loading an
     expert is one copy. The rows live in host memory (pinned for asynchronous copies when CUDA is used) or are
     memory-mapped from `path` (`experts.bin`, read on demand: host RAM may be smaller than the store). A store read
-    from a file keeps each row's CRC-32 (`crc32[layer]`) and checks a row the first time it is read (`check_row`)."""
+    from a file keeps each row's CRC-32 (`crc32[layer]`) and checks a row the first time it is read (`check_row`).
+    `rows[layer]` may also be a layer of rows assembled from a checkpoint's own files (chapter 11b's `PieceRows`):
+    then `source` says where they are, and `row(layer, e)` assembles one."""
     def __init__(self, rows: dict, formats: dict, path=None, crc32=None, temporary: bool = False):
         self.rows, self.formats, self.path = rows, formats, None if path is None else Path(path)
         self.resident = set(rows) if path is None else set()     # layers whose rows are in host RAM, not mapped
         self.crc32, self.temporary = crc32 or {}, temporary
         self.checked = {l: bytearray(len(c)) for l, c in self.crc32.items()}   # 1 once a row has passed its check
         self.check_bytes, self.check_seconds, self.held, self.lock = 0, 0.0, [], threading.Lock()
+        self.source = None                       # what serves rows that are not in experts.bin (a checkpoint), if anything
 
     layers = property(lambda self: sorted(self.rows), doc="The MoE layers' decoder-layer indices.")
     def num_experts(self, layer: int) -> int: return self.rows[layer].shape[0]
@@ -75,7 +79,11 @@ class ExpertStore:
     memory_mapped = property(lambda self: self.path is not None and len(self.resident) < len(self.rows))
     host_nbytes = property(lambda self: sum(self.rows[l].numel() for l in self.resident), doc="Bytes held in host RAM.")
     disk_nbytes = property(lambda self: self.nbytes - self.host_nbytes, doc="Bytes memory-mapped from disk.")
-    def views(self, layer: int, e: int): return row_views(self.formats[layer], self.rows[layer][e])
+    def row(self, layer: int, e: int) -> torch.Tensor:
+        "Expert `e`'s row of `layer` as one uint8 tensor (a view of the store's bytes, or assembled from a checkpoint's pieces)."
+        r = self.rows[layer][e]
+        return r if isinstance(r, torch.Tensor) else r.materialize()
+    def views(self, layer: int, e: int): return row_views(self.formats[layer], self.row(layer, e))
 
     def check_row(self, layer: int, e: int):
         """Check expert `e`'s row of `layer` against its CRC-32, the first time it is read in this process (later calls
@@ -109,14 +117,17 @@ class ExpertStore:
         is checked against its CRC-32 on the way in."""
         for l in layers:
             if l not in self.resident:
-                r = torch.empty(self.rows[l].shape, dtype=torch.uint8, pin_memory=pin)
-                self.rows[l] = r.copy_(self.rows[l]); self.resident.add(l)
+                src, r = self.rows[l], torch.empty(self.rows[l].shape, dtype=torch.uint8, pin_memory=pin)
+                if isinstance(src, torch.Tensor): r.copy_(src)
+                else:                                # assembled from a checkpoint's pieces, row by row
+                    for e in range(r.shape[0]): copy_row(r[e], src[e])
+                self.rows[l] = r; self.resident.add(l)
                 for e in range(r.shape[0]): self.check_row(l, e)
         return self
 
     def __repr__(self):
         src = 'a temporary file (deleted: its space returns when the process exits)' if self.temporary else \
-              (self.path / STORE_DATA if self.path is not None else None)
+              self.source or (self.path / STORE_DATA if self.path is not None else None)
         where = ('in host memory' if not self.memory_mapped else f'memory-mapped from {src}' if not self.resident
                  else f'{len(self.resident)} layers in host memory, the rest memory-mapped from {src}')
         kinds = sorted({f['kind'] for f in self.formats.values()})

@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# load_offloaded(..., experts_bits=...) converts into a cache folder: the tests' own, never the user's
+import atexit, tempfile
+os.environ["MOE_EXPLAINED_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="moe-explained-test-cache-")
+atexit.register(lambda: __import__("shutil").rmtree(_CACHE, ignore_errors=True))
 
 
 import shutil

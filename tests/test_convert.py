@@ -7,7 +7,7 @@ import torch
 import moe_explained.convert as C
 from helpers import tiny_mixtral_model
 from moe_explained.convert import MANIFEST, convert, load_converted, read_manifest, save_offloaded
-from moe_explained.offload import load_offloaded, offload_stats
+from moe_explained.offload import load_and_offload, offload_stats
 
 
 _tiny = tiny_mixtral_model
@@ -24,7 +24,7 @@ def _logits(m):
 def test_streamed_conversion_equals_loading_whole(hub, tmp_path, experts_bits, attn_bits):
     out = convert(hub, tmp_path / 'out', experts_bits=experts_bits, attn_bits=attn_bits, progress=False)
     m = load_converted(out, cache_size=2, progress=False)
-    ref = load_offloaded(hub, cache_size=2, experts_bits=experts_bits, attn_bits=attn_bits, progress=False)
+    ref = load_and_offload(hub, cache_size=2, experts_bits=experts_bits, attn_bits=attn_bits, progress=False)
     assert torch.equal(_logits(m), _logits(ref))
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(m.generate(IDS[:1], **gen), ref.generate(IDS[:1], **gen))
@@ -109,7 +109,7 @@ def test_hub_download_is_streamed_shard_by_shard(hub, tmp_path, monkeypatch):
     assert not list((tmp_path / 'out').rglob('model-*.safetensors'))                  # every downloaded shard was deleted
     assert read_manifest(out)['source']['repo'] == 'someone/tiny-mixtral'
     assert torch.equal(_logits(load_converted(out, progress=False)),
-                       _logits(load_offloaded(big, experts_bits=2, progress=False)))
+                       _logits(load_and_offload(big, experts_bits=2, progress=False)))
 
 
 def test_hub_resume_does_not_download_finished_shards_again(tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_converted_folder_checks(hub, tmp_path):
 
 
 def test_save_offloaded_round_trip_and_refusals(hub, tmp_path):
-    m = load_offloaded(hub, cache_size=2, experts_bits=4, attn_bits=4, store='disk', offload_folder=tmp_path / 'store', progress=False)
+    m = load_and_offload(hub, cache_size=2, experts_bits=4, attn_bits=4, store='disk', offload_folder=tmp_path / 'store', progress=False)
     saved = save_offloaded(m, tmp_path / 'saved', progress=False)
     back = load_converted(saved, cache_size=3, progress=False)
     assert torch.equal(_logits(back), _logits(m))
@@ -216,7 +216,7 @@ def test_load_converted_from_the_hub_and_push(hub, tmp_path, monkeypatch):
 def test_packaged_model_converts_and_generates(tmp_path):
     from moe_explained.pretrained import TINY_MIXTRAL_PATH
     out = convert(TINY_MIXTRAL_PATH, tmp_path / 'tiny', experts_bits=None, attn_bits=None, progress=False)
-    m, ref = load_converted(out, cache_size=2, progress=False), load_offloaded(None, cache_size=2, progress=False)
+    m, ref = load_converted(out, cache_size=2, progress=False), load_and_offload(None, cache_size=2, progress=False)
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     gen = dict(max_new_tokens=10, do_sample=False)
     assert torch.equal(m.generate(ids, **gen), ref.generate(ids, **gen))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from moe_explained.cache import simulate
 from moe_explained.copier import ThreadCopier
 from moe_explained.hub import check_safetensors, resolve_model
-from moe_explained.offload import load_offloaded, offload, offload_stats
+from moe_explained.offload import load_and_offload, offload, offload_stats
 import moe_explained.store as store_module
 from moe_explained.store import ExpertStore, dense_format
 from moe_explained.quant import quantize_experts
@@ -246,7 +246,7 @@ def _copy_folder(src, dst):
 
 
 def test_load_offloaded_from_a_folder(saved):
-    m = load_offloaded(saved, cache_size=2, progress=False)
+    m = load_and_offload(saved, cache_size=2, progress=False)
     with torch.no_grad(): assert torch.equal(m(IDS).logits, plain_model('mixtral')(IDS).logits)
 
 
@@ -260,30 +260,30 @@ def test_load_offloaded_from_a_hub_snapshot(saved, tmp_path, monkeypatch):
     (repo / 'refs' / 'main').write_text(sha)
     monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
     assert resolve_model('someone/tiny-mixtral', progress=False) == (repo / 'snapshots' / sha).resolve()
-    m = load_offloaded('someone/tiny-mixtral', cache_size=3, progress=False)
+    m = load_and_offload('someone/tiny-mixtral', cache_size=3, progress=False)
     with torch.no_grad(): assert torch.equal(m(IDS).logits, plain_model('mixtral')(IDS).logits)
     with pytest.raises(ValueError, match='not in the hub cache while the hub cannot be reached'):
-        load_offloaded('someone/not-downloaded', progress=False)
+        load_and_offload('someone/not-downloaded', progress=False)
 
 
 def test_bad_input(saved, tmp_path):
-    with pytest.raises(ValueError, match='no such model folder'): load_offloaded(tmp_path / 'nope', progress=False)
-    with pytest.raises(ValueError, match='holds no config.json'): load_offloaded(tmp_path, progress=False)
+    with pytest.raises(ValueError, match='no such model folder'): load_and_offload(tmp_path / 'nope', progress=False)
+    with pytest.raises(ValueError, match='holds no config.json'): load_and_offload(tmp_path, progress=False)
     for cs in (0, 7, 2.0, True):
-        with pytest.raises(ValueError, match='cache_size'): load_offloaded(saved, cache_size=cs, progress=False)
-    with pytest.raises(ValueError, match=r'experts_bits=5 is not supported'): load_offloaded(saved, experts_bits=5, progress=False)
-    with pytest.raises(ValueError, match=r'attn_bits=16 is not supported'): load_offloaded(saved, attn_bits=16, progress=False)
-    with pytest.raises(ValueError, match="miss='gpu'"): load_offloaded(saved, miss='gpu', progress=False)
-    with pytest.raises(ValueError, match='needs the future'): load_offloaded(saved, policy='Belady', progress=False)
-    with pytest.raises(ValueError, match="offload_folder is for store='disk'"): load_offloaded(saved, offload_folder=tmp_path / 's', progress=False)
+        with pytest.raises(ValueError, match='cache_size'): load_and_offload(saved, cache_size=cs, progress=False)
+    with pytest.raises(ValueError, match=r'experts_bits=5 is not supported'): load_and_offload(saved, experts_bits=5, progress=False)
+    with pytest.raises(ValueError, match=r'attn_bits=16 is not supported'): load_and_offload(saved, attn_bits=16, progress=False)
+    with pytest.raises(ValueError, match="miss='gpu'"): load_and_offload(saved, miss='gpu', progress=False)
+    with pytest.raises(ValueError, match='needs the future'): load_and_offload(saved, policy='Belady', progress=False)
+    with pytest.raises(ValueError, match="offload_folder is for store='disk'"): load_and_offload(saved, offload_folder=tmp_path / 's', progress=False)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match='CUDA was requested'): load_offloaded(saved, device='cuda', progress=False)
+        with pytest.raises(ValueError, match='CUDA was requested'): load_and_offload(saved, device='cuda', progress=False)
 
 
 def test_not_moe_and_no_interface(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     LlamaForCausalLM(LlamaConfig(**BASE, intermediate_size=48)).save_pretrained(tmp_path / 'llama')
-    with pytest.raises(ValueError, match='not a Mixture-of-Experts model'): load_offloaded(tmp_path / 'llama', progress=False)
+    with pytest.raises(ValueError, match='not a Mixture-of-Experts model'): load_and_offload(tmp_path / 'llama', progress=False)
     m = copy.deepcopy(plain_model('mixtral'))
     class OldExperts(torch.nn.ModuleList): pass          # experts as a list of MLPs: transformers v4's layout
     m.model.layers[1].mlp.experts = OldExperts([torch.nn.Linear(4, 4)])
@@ -299,16 +299,16 @@ def test_corrupted_weights(saved, tmp_path):
     bad = _copy_folder(saved, tmp_path / 'truncated')
     f = bad / shards[0].name
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=f'truncated safetensors file .*{shards[0].name}'): load_offloaded(bad, progress=False)
+    with pytest.raises(ValueError, match=f'truncated safetensors file .*{shards[0].name}'): load_and_offload(bad, progress=False)
     bad = _copy_folder(saved, tmp_path / 'header')
     f = bad / shards[1].name
     data = bytearray(f.read_bytes())
     data[8:12] = b'\xff\xfe{{'
     f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match='header is not valid JSON'): load_offloaded(bad, progress=False)
+    with pytest.raises(ValueError, match='header is not valid JSON'): load_and_offload(bad, progress=False)
     bad = _copy_folder(saved, tmp_path / 'missing')
     (bad / shards[1].name).unlink()
-    with pytest.raises(ValueError, match='names shards that are missing'): load_offloaded(bad, progress=False)
+    with pytest.raises(ValueError, match='names shards that are missing'): load_and_offload(bad, progress=False)
     bad = _copy_folder(saved, tmp_path / 'empty')
     for s in bad.glob('*.safetensors'): s.unlink()
     (bad / 'model.safetensors.index.json').unlink()
@@ -394,6 +394,7 @@ def test_quantized_attention_equals_quantized_plain(arch):
 
 def test_top_level_names():
     import moe_explained
+    from moe_explained.checkpoint import load_offloaded
     assert moe_explained.load_offloaded is load_offloaded and moe_explained.offload_stats is offload_stats
 
 

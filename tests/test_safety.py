@@ -12,7 +12,8 @@ import moe_explained.offload as offload_module
 import moe_explained.store as O
 from moe_explained.cli import main
 from moe_explained.convert import convert, load_converted, save_offloaded, verify
-from moe_explained.offload import load_offloaded
+from moe_explained.offload import load_and_offload
+import moe_explained.checkpoint as checkpoint_module
 from moe_explained.store import LOCK, MANIFEST, ExpertStore
 from moe_explained.pretrained import TINY_MIXTRAL_PATH
 
@@ -107,9 +108,9 @@ def test_a_disk_store_refuses_a_converted_model_or_other_files(converted, tmp_pa
 
 def test_a_disk_store_replaces_only_an_earlier_store(tmp_path):
     folder = tmp_path / 'store'
-    a = load_offloaded(None, cache_size=2, store='disk', offload_folder=folder, dtype=torch.float32, progress=False)
+    a = load_and_offload(None, cache_size=2, store='disk', offload_folder=folder, dtype=torch.float32, progress=False)
     old_rows = a.moe_offload.store.rows[0].clone()
-    b = load_offloaded(None, cache_size=2, store='disk', offload_folder=folder, experts_bits=4, dtype=torch.float32, progress=False)
+    b = load_and_offload(None, cache_size=2, store='disk', offload_folder=folder, experts_bits=4, dtype=torch.float32, progress=False)
     assert torch.equal(a.moe_offload.store.rows[0], old_rows)       # the first model's mapping still reads its own bytes
     assert sorted(p.name for p in folder.iterdir()) == sorted(['experts.bin', 'experts.json', LOCK])
     assert b.moe_offload.store.formats[0]['kind'] == 'hqq'
@@ -121,18 +122,18 @@ def _store_folders(where: Path) -> list:
 
 def test_a_temporary_disk_store_lives_only_as_long_as_the_process(tmp_path, monkeypatch):
     monkeypatch.setenv('TMPDIR', str(tmp_path)); import tempfile; monkeypatch.setattr(tempfile, 'tempdir', None)
-    m = load_offloaded(None, cache_size=2, store='disk', dtype=torch.float32, progress=False)
+    m = load_and_offload(None, cache_size=2, store='disk', dtype=torch.float32, progress=False)
     assert _store_folders(tmp_path) == []                            # deleted once mapped; the mapping keeps it readable
     st = m.moe_offload.store
     assert st.temporary and st.memory_mapped and 'temporary file' in repr(st)
-    ref = load_offloaded(None, cache_size=2, dtype=torch.float32, progress=False)
+    ref = load_and_offload(None, cache_size=2, dtype=torch.float32, progress=False)
     assert torch.equal(_logits(m), _logits(ref))
     real = O.write_rows
     def interrupted(out, fmt, E, fill):
         if out.tell() > 0: raise KeyboardInterrupt
         return real(out, fmt, E, fill)
     monkeypatch.setattr(O, 'write_rows', interrupted)
-    with pytest.raises(KeyboardInterrupt): load_offloaded(None, cache_size=2, store='disk', progress=False)
+    with pytest.raises(KeyboardInterrupt): load_and_offload(None, cache_size=2, store='disk', progress=False)
     assert _store_folders(tmp_path) == []                            # Ctrl-C while it is written: removed too
 
 
@@ -145,11 +146,11 @@ def test_the_cli_disk_store_without_a_folder_leaves_nothing_behind(tmp_path):
 
 def test_save_offloaded_replaces_files_by_renaming(hub, tmp_path):
     "A process that memory-mapped the old save keeps reading the old bytes while a new save replaces them."
-    m2 = load_offloaded(hub, cache_size=2, experts_bits=2, progress=False)
+    m2 = load_and_offload(hub, cache_size=2, experts_bits=2, progress=False)
     saved = save_offloaded(m2, tmp_path / 'saved', progress=False)
     reader = ExpertStore.open(saved)                                 # another process would see the same
     old = {l: reader.rows[l].clone() for l in reader.layers}
-    m4 = load_offloaded(hub, cache_size=2, experts_bits=4, progress=False)
+    m4 = load_and_offload(hub, cache_size=2, experts_bits=4, progress=False)
     save_offloaded(m4, saved, progress=False)
     assert all(torch.equal(reader.rows[l], old[l]) for l in reader.layers)
     assert reader.bad_rows() == {}
@@ -384,7 +385,7 @@ def test_ctrl_c_during_a_conversion_says_how_to_resume(hub, tmp_path, monkeypatc
 
 def test_ctrl_c_while_loading(monkeypatch, capsys):
     def interrupted(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(offload_module, 'load_offloaded', interrupted)
+    monkeypatch.setattr(checkpoint_module, 'load_offloaded', interrupted)
     rc, _, err = _cli(['generate', 'hello'], capsys)
     assert rc == 130 and _one_line(err) == 'moe-explained generate: interrupted'
 
@@ -428,7 +429,7 @@ def test_a_full_disk_and_a_read_only_folder(hub, tmp_path, monkeypatch, capsys):
 
 def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):
     def boom(*a, **k): raise RuntimeError('something nobody planned for\nsecond line')
-    monkeypatch.setattr(offload_module, 'load_offloaded', boom)
+    monkeypatch.setattr(checkpoint_module, 'load_offloaded', boom)
     rc, _, err = _cli(['generate', 'hello'], capsys)
     assert rc == 1 and 'unexpected RuntimeError: something nobody planned for' in _one_line(err)
     monkeypatch.setenv('MOE_EXPLAINED_TRACEBACK', '1')
@@ -478,7 +479,7 @@ def test_sample_samples_whatever_the_generation_config_says(tmp_path, capsys):
 def test_a_folder_without_a_tokenizer_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
     d = tmp_path / 'no-tok'; shutil.copytree(TINY_MIXTRAL_PATH, d)
     for f in ('tokenizer.json', 'tokenizer_config.json'): (d / f).unlink()
-    monkeypatch.setattr(offload_module, 'load_offloaded', lambda *a, **k: pytest.fail('the weights were loaded before the tokenizer was checked'))
+    monkeypatch.setattr(checkpoint_module, 'load_offloaded', lambda *a, **k: pytest.fail('the weights were loaded before the tokenizer was checked'))
     rc, _, err = _cli(['generate', 'hello', '--model', d], capsys)
     assert rc == 2 and f'cannot load the tokenizer of {d}' in _one_line(err)
 
