@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import (WORK, convert, generation_config, layer_modules, load_converted, load_unit, params_on_meta, read_manifest,
-                                   tied_names, unit_of)
-from .copier import copy_row
+from .convert import (WORK, convert, generation_config, layer_modules, load_converted, load_unit,
+                                   params_on_meta, read_manifest, tied_names, unit_of)
 from .errors import ArgumentError, one_line
 from .experts import drop_experts, expert_params
 from .hub import check_safetensors, resolve_model
@@ -65,7 +64,7 @@ class Checkpoint:
     nbytes = property(lambda self: sum(e[4] for e in self.entries.values()), doc="Bytes of all tensors.")
     def __repr__(self): return f'Checkpoint({self.folder}: {len(self.entries):,} tensors in {len(self.maps)} files, {self.nbytes / 2**20:,.1f} MiB)'
 
-# %% ../nbs/11b_checkpoint.ipynb #d548b68a
+# %% ../nbs/11b_checkpoint.ipynb #e8e68b52
 class LayoutUnsupported(ValueError):
     "A checkpoint whose experts are not a few byte ranges each in the model's layout (the reason is the message)."
 
@@ -135,7 +134,7 @@ def expert_layout(model: nn.Module, ckpt: Checkpoint, mods: list) -> tuple:
                 rows[e].append((at, key, ckpt.entries[key][3], ckpt.entries[key][4])); at += ckpt.entries[key][4]
     return formats, pieces, keys
 
-# %% ../nbs/11b_checkpoint.ipynb #210c2c9b
+# %% ../nbs/11b_checkpoint.ipynb #f3a7d7bf
 class PieceRow:
     "One expert's row as `[(offset, bytes)]`: uint8 views of a memory-mapped checkpoint, each copied to `offset` of the row."
     def __init__(self, pieces: list, nbytes: int): self.pieces, self.nbytes = pieces, nbytes
@@ -172,7 +171,7 @@ def checkpoint_store(ckpt: Checkpoint, formats: dict, pieces: dict) -> ExpertSto
     store.source = f"the checkpoint's safetensors files in {ckpt.folder}"
     return store
 
-# %% ../nbs/11b_checkpoint.ipynb #cb8f9dcf
+# %% ../nbs/11b_checkpoint.ipynb #63904371
 HOST_RESERVE = 2 * 2**30      # host RAM left to everything else when `host_memory` is not given
 
 def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
@@ -230,7 +229,7 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
     if config.attn_bits is not None: quantize_attention(model, config.attn_bits, compute_dtype=dtype, device=config.device)
     return attach(model, store, config)
 
-# %% ../nbs/11b_checkpoint.ipynb #2b010a6f
+# %% ../nbs/11b_checkpoint.ipynb #37d2c78e
 def folder_kind(path) -> str:
     """What a local folder holds: 'converted' (a manifest), 'checkpoint' (config.json and safetensors). Anything else
     raises a ValueError saying what the folder is and what is missing."""

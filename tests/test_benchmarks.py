@@ -58,3 +58,17 @@ def test_bench_dequant_quick(tmp_path):
     r = json.loads(out.read_text())['results']
     for dn in ('bfloat16', 'float16', 'float32'):
         assert r[f'in place, {dn}']['allocated_bytes'] < r[f'fp32 temporaries, {dn} (before)']['allocated_bytes']
+
+
+def test_bench_checkpoint_memory_quick(tmp_path):
+    "A checkpoint 4x the host budget, loaded and run in fresh processes: the served variants stay within their bound, same tokens."
+    out = tmp_path / 'ckpt.json'
+    res = subprocess.run([sys.executable, 'benchmarks/bench_checkpoint_memory.py', '--quick', '--out', str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r['experts_over_host_memory'] >= 4 and r['experts_straddling_shards'] > 0
+    for v in ('plain', 'whole', 'served', 'served_disk'): assert r['summary'][v]['tokens_equal_plain'], v
+    for v in ('served', 'served_disk'):
+        s = r['summary'][v]
+        assert s['within_bound'] and s['peak_growth_mib'] <= s['bound_mib'], (v, s)

@@ -1,0 +1,174 @@
+"""Chapter 11b: the one entry point, and a dense checkpoint served from its own safetensors files."""
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_explained.checkpoint import (Checkpoint, LayoutUnsupported, PieceRow, conversion_cache, folder_kind,
+                                      load_offloaded)
+from moe_explained.convert import convert, save_offloaded
+from moe_explained.errors import ArgumentError
+from moe_explained.hub import resolve_model
+from moe_explained.offload import load_and_offload, offload
+from moe_explained.pretrained import TINY_MIXTRAL_PATH
+from moe_explained.store import expert_rows
+from moe_explained.testing import FamilySkipped, expected_families, tiny_family_model
+from moe_explained.trace import find_moe_blocks
+
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+SERVED = ['mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe', 'deepseek_v3', 'gpt_oss']   # per-expert keys; gpt_oss: fused 3-D
+
+
+def _reference(folder):
+    "transformers' own loading of the same folder, with the eager experts the engine reproduces operation for operation."
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref.set_experts_implementation('eager')
+    return ref
+
+
+def _rows_equal_reference(m, ref):
+    "Every expert row the store serves equals, byte for byte, the row chapter 10b builds from transformers' loaded experts."
+    store = m.moe_offload.store
+    for layer, _, block, _ in find_moe_blocks(ref):
+        fmt, E, fill = expert_rows(block.experts)
+        assert fmt == store.formats[layer]
+        for e in range(E):
+            want = torch.zeros(fmt['nbytes'], dtype=torch.uint8); fill(e, want)
+            got = store.row(layer, e)
+            for name, (shape, off, dt) in fmt['fields'].items():     # the fields' bytes (the padding between is free)
+                n = torch.Size(shape).numel() * torch.empty(0, dtype=getattr(torch, dt)).element_size()
+                assert torch.equal(got[off:off + n], want[off:off + n]), (layer, e, name)
+
+
+@pytest.mark.parametrize('family', [f for f, r in expected_families().items() if r['convert'] == 'passed'])
+def test_every_family_served_from_its_checkpoint(family, tmp_path):
+    "The hub's own layout (save_pretrained) served in place: same rows and same logits as from_pretrained, bit for bit."
+    try: plain, ids = tiny_family_model(family)
+    except FamilySkipped as e: pytest.skip(e.detail)
+    plain.save_pretrained(tmp_path)
+    ref = _reference(tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        m = load_offloaded(tmp_path, cache_size=2, progress=False)
+    served = m.moe_offload.store.source is not None
+    assert served or any('cannot be served from the checkpoint' in str(x.message) for x in w)
+    if family in SERVED: assert served
+    if served: _rows_equal_reference(m, ref)
+    with torch.no_grad(): out, want, saved = m(ids).logits, ref(ids).logits, plain(ids).logits
+    # transformers' own round trip is not exact for a few families (qwen3_5_moe, minimax_m3_vl with 5.25: the model
+    # from_pretrained builds computes other logits than the model it saved, from the same state): then either of the
+    # two references, bit for bit
+    assert torch.equal(out, want) or (not torch.equal(want, saved) and torch.equal(out, saved))
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+    "The packaged tiny Mixtral saved again in small shards: some experts straddle two files."
+    d = tmp_path_factory.mktemp('sharded')
+    AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH).save_pretrained(d, max_shard_size='300KB')
+    for f in TINY_MIXTRAL_PATH.iterdir():
+        if f.name.startswith('tokenizer') or f.name == 'generation_config.json': shutil.copy(f, d / f.name)
+    return d
+
+
+def test_an_expert_straddling_two_shards(sharded):
+    ck = Checkpoint(sharded)
+    files = {}
+    for k, e in ck.entries.items():
+        if '.experts.' in k: files.setdefault(k.split('.experts.')[0] + k.split('.experts.')[1].split('.')[0], set()).add(e[0])
+    assert len(ck.maps) > 2 and any(len(f) > 1 for f in files.values())
+    ref = _reference(sharded)
+    m = load_offloaded(sharded, cache_size=2, store='disk', progress=False)
+    _rows_equal_reference(m, ref)
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, ref(IDS).logits)
+    assert torch.equal(m.generate(IDS, max_new_tokens=6, do_sample=False), ref.generate(IDS, max_new_tokens=6, do_sample=False))
+
+
+def test_rows_are_views_of_the_files_until_read_into_ram(sharded):
+    "Memory-mapped rows are pieces of the checkpoint's own mapping (no copy); `host_memory` reads whole layers in order."
+    ck_store = load_offloaded(sharded, cache_size=2, store='disk', progress=False).moe_offload.store
+    assert not ck_store.resident and ck_store.host_nbytes == 0 and ck_store.disk_nbytes == ck_store.nbytes
+    row = ck_store.rows[ck_store.layers[0]][0]
+    assert isinstance(row, PieceRow) and 1 <= len(row.pieces) <= 3      # Mixtral: w1 and w3 -> gate_up_proj, w2 -> down_proj
+    maps = Checkpoint(sharded).maps
+    paths = {str(sharded / f) for f in maps}
+    for _, piece in row.pieces:
+        assert piece.untyped_storage().nbytes() in {m.numel() for m in maps.values()}   # a slice of a whole file's mapping
+    per_layer = ck_store.row_nbytes(0) * ck_store.num_experts(0)
+    m = load_offloaded(sharded, cache_size=2, host_memory=2 * per_layer + 5, progress=False)
+    st = m.moe_offload.store
+    assert st.resident == set(st.layers[:2]) and st.host_nbytes == 2 * per_layer
+    assert 'memory-mapped from the checkpoint' in repr(st) and paths
+    m = load_offloaded(sharded, cache_size=2, host_memory='1GiB', progress=False)
+    assert m.moe_offload.store.resident == set(m.moe_offload.store.layers)
+
+
+def test_one_entry_point_loads_three_kinds_of_folder(sharded, tmp_path):
+    ref = _reference(sharded)
+    with torch.no_grad(): want = ref(IDS).logits
+    assert folder_kind(sharded) == 'checkpoint'
+    conv = convert(sharded, tmp_path / 'conv', experts_bits=None, attn_bits=None, progress=False)
+    assert folder_kind(conv) == 'converted'
+    m = load_offloaded(conv, cache_size=2, progress=False)
+    assert m.moe_converted and m.moe_offload.store.source is None
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, want)
+    saved = save_offloaded(load_offloaded(sharded, cache_size=2, progress=False), tmp_path / 'saved', progress=False)
+    assert folder_kind(saved) == 'converted'
+    with torch.no_grad(): assert torch.equal(load_offloaded(saved, cache_size=2, progress=False)(IDS).logits, want)
+    with pytest.raises(ArgumentError, match='quantized when it was converted'):
+        load_offloaded(conv, experts_bits=2, progress=False)
+
+
+def test_a_hub_snapshot_is_served_in_place(sharded, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+    sha = 'b' * 40
+    repo = tmp_path / 'models--someone--sharded'
+    shutil.copytree(sharded, repo / 'snapshots' / sha)
+    (repo / 'refs').mkdir(); (repo / 'refs' / 'main').write_text(sha)
+    monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
+    m = load_offloaded('someone/sharded', cache_size=2, progress=False)
+    assert str(resolve_model('someone/sharded', progress=False)) in m.moe_offload.store.source
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, _reference(sharded)(IDS).logits)
+
+
+def test_experts_bits_converts_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('MOE_EXPLAINED_CACHE', str(tmp_path / 'cache'))
+    a = load_offloaded(None, cache_size=2, experts_bits=4, progress=False)
+    folder = conversion_cache(TINY_MIXTRAL_PATH.resolve(), None, dict(experts_bits=4, attn_bits=None, group_size=16, dtype='None'))
+    assert (folder / 'moe_offload.json').exists() and a.moe_converted
+    stamp = (folder / 'experts.bin').stat().st_mtime_ns
+    b = load_offloaded(None, cache_size=2, experts_bits=4, progress=False)      # reused, not converted again
+    assert (folder / 'experts.bin').stat().st_mtime_ns == stamp
+    whole = load_and_offload(None, cache_size=2, experts_bits=4, progress=False)  # the same quantizers, in RAM
+    with torch.no_grad(): assert torch.equal(a(IDS).logits, whole(IDS).logits) and torch.equal(b(IDS).logits, whole(IDS).logits)
+    other = conversion_cache(TINY_MIXTRAL_PATH.resolve(), None, dict(experts_bits=2, attn_bits=None, group_size=16, dtype='None'))
+    assert other != folder and other.parent == folder.parent
+
+
+def test_what_a_folder_is_is_said(tmp_path, sharded):
+    store = tmp_path / 'store'; store.mkdir(); (store / 'experts.json').write_text('{}')
+    with pytest.raises(ValueError, match='holds an expert store .* not a model'): load_offloaded(store, progress=False)
+    half = tmp_path / 'half'; (half / '.convert').mkdir(parents=True); (half / '.convert' / 'journal.json').write_text('{}')
+    with pytest.raises(ValueError, match='incomplete .* run the same convert'): load_offloaded(half, progress=False)
+    with pytest.raises(ValueError, match='holds no config.json'): load_offloaded(tmp_path, progress=False)
+    cfg_only = tmp_path / 'cfg'; cfg_only.mkdir(); shutil.copy(sharded / 'config.json', cfg_only)
+    with pytest.raises(ValueError, match=r'holds no \*\.safetensors'): load_offloaded(cfg_only, progress=False)
+    with pytest.raises(ArgumentError, match='offload_folder is not needed'):
+        load_offloaded(sharded, store='disk', offload_folder=tmp_path / 'x', progress=False)
+    with pytest.raises(ArgumentError, match='host_memory'): load_offloaded(sharded, host_memory='lots', progress=False)
+    with pytest.raises(ArgumentError, match='host_memory'): load_offloaded(sharded, host_memory=-1, progress=False)
+    with pytest.raises(ArgumentError, match='host_memory'):
+        offload(AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH), host_memory='1GiB', progress=False)
+
+
+def test_a_layout_that_is_not_byte_ranges_falls_back_to_the_whole_load(sharded, tmp_path, monkeypatch):
+    "A dtype other than the checkpoint's cannot be served as its bytes: loaded whole, with a warning naming why."
+    with pytest.warns(UserWarning, match='stored as BF16, the model is loaded in float32'):
+        m = load_offloaded(sharded, cache_size=2, dtype=torch.float32, progress=False)
+    assert m.moe_offload.store.source is None
+    ref = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32); ref.set_experts_implementation('eager')
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, ref(IDS).logits)
+    assert issubclass(LayoutUnsupported, ValueError)
