@@ -64,7 +64,7 @@ class Checkpoint:
     nbytes = property(lambda self: sum(e[4] for e in self.entries.values()), doc="Bytes of all tensors.")
     def __repr__(self): return f'Checkpoint({self.folder}: {len(self.entries):,} tensors in {len(self.maps)} files, {self.nbytes / 2**20:,.1f} MiB)'
 
-# %% ../nbs/11b_checkpoint.ipynb #e8e68b52
+# %% ../nbs/11b_checkpoint.ipynb #d8b7b94d
 class LayoutUnsupported(ValueError):
     "A checkpoint whose experts are not a few byte ranges each in the model's layout (the reason is the message)."
 
@@ -134,7 +134,7 @@ def expert_layout(model: nn.Module, ckpt: Checkpoint, mods: list) -> tuple:
                 rows[e].append((at, key, ckpt.entries[key][3], ckpt.entries[key][4])); at += ckpt.entries[key][4]
     return formats, pieces, keys
 
-# %% ../nbs/11b_checkpoint.ipynb #f3a7d7bf
+# %% ../nbs/11b_checkpoint.ipynb #f4704aa3
 class PieceRow:
     "One expert's row as `[(offset, bytes)]`: uint8 views of a memory-mapped checkpoint, each copied to `offset` of the row."
     def __init__(self, pieces: list, nbytes: int): self.pieces, self.nbytes = pieces, nbytes
@@ -171,7 +171,7 @@ def checkpoint_store(ckpt: Checkpoint, formats: dict, pieces: dict) -> ExpertSto
     store.source = f"the checkpoint's safetensors files in {ckpt.folder}"
     return store
 
-# %% ../nbs/11b_checkpoint.ipynb #63904371
+# %% ../nbs/11b_checkpoint.ipynb #7e7d9c06
 HOST_RESERVE = 2 * 2**30      # host RAM left to everything else when `host_memory` is not given
 
 def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
@@ -229,7 +229,7 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
     if config.attn_bits is not None: quantize_attention(model, config.attn_bits, compute_dtype=dtype, device=config.device)
     return attach(model, store, config)
 
-# %% ../nbs/11b_checkpoint.ipynb #37d2c78e
+# %% ../nbs/11b_checkpoint.ipynb #9a537f88
 def folder_kind(path) -> str:
     """What a local folder holds: 'converted' (a manifest), 'checkpoint' (config.json and safetensors). Anything else
     raises a ValueError saying what the folder is and what is missing."""
