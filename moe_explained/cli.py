@@ -155,6 +155,12 @@ def _int_at_least(name: str, lo: int):
         return n
     return parse
 
+def _cache_size(s: str):
+    "`--cache-size`: 'auto' or an integer (its range is checked against the model's experts per layer)."
+    if s == 'auto': return s
+    try: return int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"cache-size must be an integer or 'auto', got {s!r}") from None
+
 _n_ctx = _int_at_least('n-ctx', 0)
 
 # %% ../nbs/90_cli.ipynb #cc1c4bc1
@@ -207,7 +213,7 @@ def _number(name: str, lo: float, hi: float = None, lo_open: bool = False, kind=
 _LOAD_ARGS = (  # how `generate` loads its model (`load_model` reads them)
     arg('--model', default=None, python='name_or_path',
         help='a hub id, a local model folder, or a folder made by `convert` (default: the packaged tiny Mixtral)'),
-    arg('--cache-size', type=int, default=2, help='device slots per MoE layer (default 2)'),
+    arg('--cache-size', type=_cache_size, default='auto', help="device slots per MoE layer (default auto: the most the device holds)"),
     arg('--experts-bits', type=int, default=None, none='0', help='quantize the experts with HQQ to 1, 2, 3, 4 or 8 bits; 0 keeps them (the default)'),
     arg('--attn-bits', type=int, default=None, none='0', help='quantize attention with HQQ to 1, 2, 3, 4 or 8 bits; 0 keeps it (the default)'),
     arg('--device', default='auto', help="'cpu', 'cuda' or 'auto' (default: CUDA when there is one)"),

@@ -542,14 +542,14 @@ def _empty_attention(model, bits, dtype, device):
         setattr(model.get_submodule(parent), child, HQQLinear(None, None, compute_dtype=dtype, device=str(device), initialize=False))
 
 @torch.no_grad()
-def load_converted(name_or_path, cache_size: int = 2, device=None, prefetch=True, miss: str = 'copy', policy='LRU',
+def load_converted(name_or_path, cache_size='auto', device=None, prefetch=True, miss: str = 'copy', policy='LRU',
                    resident_layers=None, host_memory=None, progress: bool = True) -> nn.Module:
     """Load a converted model (`convert` or `save_offloaded`; a folder, or a hub repository holding one) without
     re-quantizing anything: the non-expert weights are read from their safetensors files (quantized attention as hqq
     saved it), the expert store is memory-mapped, `resident_layers` of its MoE layers are read into host RAM (pinned on
     CUDA; default: as many as `host_memory` holds — bytes or '12GiB', default the available RAM less 2 GiB; 0 keeps
     every expert on disk), and the engine is
-    attached with `cache_size` device slots per layer (`plan_memory(...).load_kwargs()` gives both)."""
+    attached with `cache_size` device slots per layer ('auto': the most the device holds) (`plan_memory(...).load_kwargs()` gives both)."""
     engine_config = OffloadConfig(cache_size=cache_size, device=device, prefetch=prefetch, miss=miss, policy=policy,
                                   host_memory=host_memory)
     device = engine_config.device

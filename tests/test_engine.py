@@ -334,3 +334,23 @@ def test_a_failure_after_the_store_is_built_leaves_the_model_as_it_was(monkeypat
     assert not hasattr(m, 'moe_offload') and not any(hasattr(b.mlp.experts, '_moe_offload') for b in m.model.layers)
     assert m.get_experts_implementation() == plain.get_experts_implementation()
     assert torch.equal(_logits(m), _logits(plain))
+
+
+def test_cache_size_auto_fills_what_the_device_has_left(monkeypatch):
+    "cache_size='auto': (free - reserve - staging) // (one slot in every MoE layer), at most E; refused when not one fits."
+    import moe_explained.offload as O
+    from moe_explained.checkpoint import load_offloaded
+    st = load_offloaded(None, cache_size=2, store='disk', progress=False).moe_offload.store
+    per, staging = sum(st.row_nbytes(l) for l in st.layers), max(st.row_nbytes(l) for l in st.layers)
+    cfg = O.OffloadConfig(device='cpu')
+    assert cfg.cache_size == 'auto'
+    for n in (1, 3, 5):
+        monkeypatch.setattr(O, 'host_available', lambda n=n: O.HOST_RESERVE + staging + n * per + per - 1)
+        assert O.auto_cache_size(st, cfg) == n
+        assert load_offloaded(None, store='disk', progress=False).moe_offload.cache_size == n
+    monkeypatch.setattr(O, 'host_available', lambda: 100 * O.HOST_RESERVE)
+    assert O.auto_cache_size(st, cfg) == 8                                 # at most the experts per layer
+    monkeypatch.setattr(O, 'host_available', lambda: O.HOST_RESERVE + staging + per - 1)
+    with pytest.raises(ValueError, match="cache_size='auto': .* one slot per MoE layer needs"): O.auto_cache_size(st, cfg)
+    with pytest.raises(ValueError, match="cache_size='most': give a number of device slots per MoE layer, or 'auto'"):
+        O.OffloadConfig(cache_size='most')
