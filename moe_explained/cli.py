@@ -312,18 +312,26 @@ def generate(args) -> int:
             arg('--attn-bits', type=int, default=None, help='bits of the HQQ attention (default: 4, or 3 or 2 if that is what fits)'),
             arg('--cache-size', type=int, default=None, help='expert slots per layer (default: the most that fit)'),
             arg('--max-tokens', type=_int_at_least('max-tokens', 1), default=4096, help='longest prompt + reply, for the KV cache (default 4096)'),
+            arg('--disk-bandwidth', default=None, help="read bandwidth of the disk holding the store, per second ('1GB'), for the forecast"),
             arg('--json', action='store_true', help='print JSON instead of text'))
 def plan(args) -> int:
     "Print the memory plan of `args.model`."
+    from moe_explained.plan import LINKS, forecast, parse_bytes
     from moe_explained.plan import plan_memory
     p = plan_memory(args.model, args.device_memory, args.host_memory, args.disk_memory, experts_bits=args.experts_bits,
                     attn_bits='auto' if args.attn_bits is None else args.attn_bits, cache_size=args.cache_size,
                     max_tokens=args.max_tokens)
+    fc = None           # a forecast for a GPU named in --device-memory, whose link and memory bandwidth are published
+    if args.device_memory in LINKS and (p.resident_layers == len(p.sizes.moe_layers) or args.disk_bandwidth is not None):
+        fc = forecast(p, gpu=args.device_memory, disk_bandwidth=None if args.disk_bandwidth is None else parse_bytes(args.disk_bandwidth, 'disk_bandwidth'))
     if args.json:
         print(json.dumps(dict(experts_bits=p.experts_bits, attn_bits=p.attn_bits, cache_size=p.cache_size, store=p.store,
                               resident_layers=p.resident_layers, device=p.device, host=p.host, disk=p.disk, budget=p.budget,
-                              fits=p.fits), indent=2))
-    else: print(p)
+                              fits=p.fits, forecast=None if fc is None else fc.as_dict()), indent=2))
+    else:
+        print(p)
+        if fc is not None: print(fc)
+        elif args.device_memory in LINKS: print(f'forecast: give --disk-bandwidth (bytes/s, e.g. 1GB) for the layers read from disk')
     return 0
 
 @subcommand('convert', 'convert a MoE checkpoint (hub repository or local folder) into an offloaded model folder, shard by shard; resumable',

@@ -72,3 +72,16 @@ def test_bench_checkpoint_memory_quick(tmp_path):
     for v in ('served', 'served_disk'):
         s = r['summary'][v]
         assert s['within_bound'] and s['peak_growth_mib'] <= s['bound_mib'], (v, s)
+
+
+def test_bench_forecast_quick(tmp_path):
+    "The forecast against the engine's measured decode: the script runs and reports each cache size, with the same tokens."
+    out = tmp_path / 'fc.json'
+    res = subprocess.run([sys.executable, 'benchmarks/bench_forecast.py', '--quick', '--out', str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert [x['cache_size'] for x in r['rows']] == [2, 4, 6] and r['link_bandwidth'] > 0 and r['plain_tokens_per_s'] > 0
+    for x in r['rows']:
+        assert x['same_tokens_as_plain'] and 0 <= x['hit_rate_simulated'] <= 1 and 0 <= x['hit_rate_measured'] <= 1
+        assert x['error'] == x['forecast_tokens_per_s'] / x['measured_tokens_per_s'] - 1

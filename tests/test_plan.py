@@ -106,3 +106,38 @@ def test_a_plan_from_the_table_equals_one_from_transformers():
     fast = plan_memory('qwen3-30b-a3b', 'L4', '32GB', '200GB')
     slow = plan_memory(get_config('qwen3-30b-a3b'), 'L4', '32GB', '200GB')     # a dict: counted on the meta device
     assert str(fast).split('\n', 1)[1] == str(slow).split('\n', 1)[1] and fast.cache_size == slow.cache_size
+
+
+# --- the forecast (chapter 11) ----------------------------------------------------------------------------------
+
+def test_forecast_decode_is_the_sum_of_its_terms():
+    from moe_explained.plan import forecast_decode
+    f = forecast_decode(32, 2, 0.75, 50_000_000, 10e9, 0.02, disk_share=0.25, disk_bandwidth=1e9)
+    m = 32 * 2 * 0.25                                                       # misses per token
+    assert f.misses_per_token == m and f.link_s == m * 5e7 / 10e9 and f.disk_s == 0.25 * m * 5e7 / 1e9
+    assert f.tokens_per_s == 1 / (0.02 + f.link_s + f.disk_s) and f.tokens_per_s_overlapped == 1 / max(0.02, f.link_s + f.disk_s)
+
+
+def test_the_uniform_assumption_is_what_lru_gives_on_uniform_requests():
+    "LRU over independent uniform requests hits C/E of the time: chapter 08's simulator on such requests, brute force."
+    import random
+    from moe_explained.cache import simulate
+    rng = random.Random(0)
+    reqs = [rng.sample(range(8), 2) for _ in range(20000)]
+    for c in (2, 5):
+        assert abs(simulate(reqs, 'LRU', c, 8).hit_rate - c / 8) < 0.01
+
+
+def test_forecast_of_a_plan_and_what_it_needs():
+    from moe_explained.plan import LINKS, forecast, plan_memory
+    t4 = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='12.7GB', disk_memory='80GB')
+    f = forecast(t4, gpu='T4', disk_bandwidth=1e9)
+    L, b = len(t4.sizes.moe_layers), t4.expert_nbytes
+    assert f.hit_rate == t4.cache_size / 8 and f.bytes_per_miss == b
+    assert f.link_s == L * 2 * (1 - f.hit_rate) * b / LINKS['T4'][0]
+    assert f.disk_s == (L - t4.resident_layers) / L * f.misses_per_token * b / 1e9
+    assert 'hit rate' in str(f) and 'roofline' in str(f)
+    with pytest.raises(ValueError, match='disk_bandwidth'): forecast(t4, gpu='T4')
+    with pytest.raises(ValueError, match='no published figures'): forecast(t4, gpu='GTX 480')
+    g = forecast(t4, hit_rate=0.9, link_bandwidth=10e9, disk_bandwidth=2e9, compute_s=0.05)
+    assert g.compute_s == 0.05 and g.hit_rate == 0.9 and g.sources['compute'] == 'given (measured)'
