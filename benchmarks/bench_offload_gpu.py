@@ -10,7 +10,8 @@ meta-quantized scales: chapter 07's layout) and its bytes fill every row, so eve
 
 Measured, everything in one run, variants interleaved: pinned host-to-device bandwidth (one expert row, repeated);
 decode tokens/s for cache sizes 2 and 4 per layer, prefetch on and off, with `miss='copy'`, and at cache 2 with
-`miss='host'`; per variant the hit rate, bytes copied per token, host reads per token, and the transfer bound
+`miss='host'`, and with every expert on the device (cache 8: the compute per token, for chapter 11's forecast of the
+other variants, compared with their measurement); per variant the hit rate, bytes copied per token, host reads per token, and the transfer bound
 `bandwidth / bytes copied per token` (tokens/s if the copies were all the time a token took), with the ratio
 measured/bound. One model and one store serve every variant: a variant is an engine (its slots) attached for its turn
 and detached after it, so the device holds one variant's slots at a time (eight at once are ~14 GB, past a 16 GB card).
@@ -36,6 +37,7 @@ from common import cpu_model  # benchmarks/common.py (scripts run as `python ben
 
 from moe_explained.configs import get_config
 from moe_explained.offload import OffloadConfig, attach, offload_stats
+from moe_explained.plan import forecast_decode
 from moe_explained.store import ExpertStore
 from moe_explained.quant import pack_expert, read_expert
 from moe_explained.trace import find_moe_blocks
@@ -134,6 +136,7 @@ def main():
     model, store = build(a.device, a.layers, a.quick)
     variants = {f'cache {C}, prefetch {"on" if prefetch else "off"}, miss=copy': OffloadConfig(cache_size=C, prefetch=prefetch, device=a.device)
                 for C in (2, 4) for prefetch in (True, False)}
+    variants['cache 8 (every expert on the device)'] = OffloadConfig(cache_size=8, prefetch=False, device=a.device)
     variants |= {f'cache 2, prefetch {"on" if prefetch else "off"}, miss=host': OffloadConfig(cache_size=2, prefetch=prefetch, miss='host', device=a.device)
                  for prefetch in (True, False)}
     any_row = store.rows[store.layers[0]][0]
@@ -162,12 +165,23 @@ def main():
                          ratio_to_bound=tps / bound if bpt else None,
                          host_reads_per_token=statistics.mean(x['host_reads_per_token'] for x in stats[name]),
                          tokens=n, per_layer_s=statistics.median(ts) / n / a.layers)
+    # the forecast (chapter 11) of each miss=copy variant from the compute per token with every expert on the device,
+    # the measured bandwidth and the variant's measured hit rate: a check of the cost model's time terms
+    compute_s = 1 / res['cache 8 (every expert on the device)']['tokens_per_s']
+    for name, v in res.items():
+        if 'miss=copy' not in name: continue
+        f = forecast_decode(a.layers, 2, v['hit_rate'], env['row_bytes'], env['h2d_bytes_per_s'], compute_s)
+        v |= dict(forecast_tokens_per_s=f.tokens_per_s, forecast_overlapped_tokens_per_s=f.tokens_per_s_overlapped,
+                  forecast_error=f.tokens_per_s / v['tokens_per_s'] - 1)
+    env['forecast'] = ('forecast_decode(layers, 2, measured hit rate, row bytes, measured H2D, compute = 1 / tokens/s of '
+                       'cache 8): serial (no overlap) and overlapped (copies hidden) bounds')
     out = Path(a.out) if a.out else Path(__file__).parent / 'results' / ('offload_gpu_quick.json' if a.quick else 'offload_gpu.json')
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(env=env, results=res), indent=1))
     print(f"H2D {env['h2d_bytes_per_s'] / 1e9:.2f} GB/s, row {env['row_bytes'] / 1e6:.2f} MB")
     for k, v in res.items():
-        print(f"{k:36s} {v['tokens_per_s']:8.2f} tok/s  bound {v['transfer_bound_tokens_per_s']:8.2f}  ratio {v['ratio_to_bound'] or 0:.2f}")
+        fc = f"  forecast {v['forecast_tokens_per_s']:.2f}..{v['forecast_overlapped_tokens_per_s']:.2f}" if 'forecast_tokens_per_s' in v else ''
+        print(f"{k:36s} {v['tokens_per_s']:8.2f} tok/s  bound {v['transfer_bound_tokens_per_s']:8.2f}  ratio {v['ratio_to_bound'] or 0:.2f}{fc}")
     print('wrote', out)
 
 

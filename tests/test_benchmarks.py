@@ -26,10 +26,11 @@ def test_bench_offload_gpu_runs_on_cpu_at_a_tiny_shape(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert len(r['results']) == 6 and r['env']['h2d_bytes_per_s'] > 0
-    for v in r['results'].values():
+    assert len(r['results']) == 7 and r['env']['h2d_bytes_per_s'] > 0
+    for name, v in r['results'].items():
         assert 0 <= v['hit_rate'] <= 1 and v['bytes_per_token'] >= 0 and v['tokens_per_s'] > 0
         assert v['host_reads_per_token'] == 2    # one read per MoE layer per decode step (--layers 2)
+        if 'miss=copy' in name: assert v['forecast_tokens_per_s'] <= v['forecast_overlapped_tokens_per_s']
 
 
 def test_bench_crc_and_startup_quick(tmp_path):
