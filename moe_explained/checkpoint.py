@@ -174,7 +174,7 @@ def checkpoint_store(ckpt: Checkpoint, formats: dict, pieces: dict) -> ExpertSto
 def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
     """How many MoE layers of `per_layer` bytes (before pinning) to read into host RAM under `config`: none with
     `store='disk'`; else as many as `config.host_memory` holds (default: the available RAM less `HOST_RESERVE`), each
-    counted as the pinned allocator will reserve it on CUDA."""
+    counted as page-locking takes it on CUDA (`pinned_nbytes`)."""
     if config.store == 'disk': return 0
     budget = max(host_available() - HOST_RESERVE, 0) if config.host_memory is None else parse_bytes(config.host_memory, 'host_memory')
     per = pinned_nbytes(per_layer) if config.device.type == 'cuda' else per_layer
@@ -222,7 +222,7 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
     store = checkpoint_store(ckpt, formats, pieces)
     per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
     n = resident_budget(config, per, len(store.layers))
-    store.load_layers(store.layers[:n], pin=config.device.type == 'cuda')
+    store.load_layers(store.layers[:n], pin=config.device if config.device.type == 'cuda' else False)
     if config.attn_bits is not None: quantize_attention(model, config.attn_bits, compute_dtype=dtype, device=config.device)
     return attach(model, store, config)
 

@@ -232,7 +232,7 @@ def load_model(args):
     from moe_explained import checkpoint
     from moe_explained.errors import one_line
     from moe_explained.hub import resolve_model
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, weights=False)      # a hub id: configs and tokenizer first, the weights as needed
     from transformers import AutoConfig, AutoTokenizer
     try: AutoConfig.from_pretrained(path)
     except Exception as e:

@@ -598,7 +598,7 @@ def load_converted(name_or_path, cache_size='auto', device=None, prefetch=True, 
         budget = max(host_available() - 2 * 2**30, 0) if host_memory is None else parse_bytes(host_memory, 'host_memory')
         resident_layers = int(min(L, budget // per))
     check_int('resident_layers', resident_layers, 0, L)
-    store.load_layers(store.layers[:resident_layers], pin=device.type == 'cuda')
+    store.load_layers(store.layers[:resident_layers], pin=device if device.type == 'cuda' else False)
     model = attach(model, store, engine_config)
     model.moe_converted = manifest
     return model

@@ -33,10 +33,11 @@ def hub_call(repo: str, fn, remedy: str = 'download it once with network, or pas
     except (RepositoryNotFoundError, RevisionNotFoundError): raise ValueError(f"{repo!r}: no such model (or revision) on the hub") from None
     except EntryNotFoundError as e: raise ValueError(f"{repo!r}: a file it needs is not in the repository ({e})") from None
 
-def resolve_model(name_or_path, progress: bool = True) -> Path:
+def resolve_model(name_or_path, progress: bool = True, weights: bool = True) -> Path:
     """The local folder of a model: `name_or_path` itself if it is a folder, else a hub id (`owner/name`) downloaded
     with `huggingface_hub` — only the files a transformers model needs (`HUB_FILES`: configs, safetensors, tokenizer),
-    with a progress bar — or found in the hub cache when offline. `None` is the packaged tiny Mixtral."""
+    with a progress bar — or found in the hub cache when offline; `weights=False` leaves out the safetensors (a
+    tokenizer and a config are all that is read). `None` is the packaged tiny Mixtral."""
     if name_or_path is None:
         from moe_explained.pretrained import TINY_MIXTRAL_PATH
         return TINY_MIXTRAL_PATH
@@ -50,7 +51,8 @@ def resolve_model(name_or_path, progress: bool = True) -> Path:
         raise ValueError(f"no such model folder: {p} (and {s!r} is not a hub id of the form owner/name)")
     from huggingface_hub import snapshot_download
     from tqdm.auto import tqdm
-    return Path(hub_call(s, lambda: snapshot_download(s, allow_patterns=HUB_FILES, tqdm_class=tqdm if progress else None)))
+    files = HUB_FILES if weights else [p for p in HUB_FILES if p != '*.safetensors']
+    return Path(hub_call(s, lambda: snapshot_download(s, allow_patterns=files, tqdm_class=tqdm if progress else None)))
 
 # %% ../nbs/10d_hub.ipynb #744f71b4
 def check_safetensors(folder) -> list:

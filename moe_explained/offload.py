@@ -428,7 +428,7 @@ def offload(model: nn.Module, config: OffloadConfig = None, progress: bool = Tru
     folder = None if config.offload_folder is None else store_folder(config.offload_folder)
     if config.store == 'disk': _check_store_space(mods, config, folder)
     if config.attn_bits is not None: check_attention(model, config.attn_bits)
-    pin = config.device.type == 'cuda' and config.store == 'memory'
+    pin = config.device if config.device.type == 'cuda' and config.store == 'memory' else False   # page-locked for that GPU
     build = partial(ExpertStore.build, model, bits=config.experts_bits, group_size=config.group_size, pin=pin,
                     progress=progress, hold=True)        # an interrupted build gives the experts back by itself
     if config.store == 'memory': experts_store = build()

@@ -17,7 +17,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .copier import copy_row
+from .copier import copy_row, host_buffer
 from .errors import ArgumentError
 from .experts import drop_experts, expert_params
 from .moe import expert_weights
@@ -111,13 +111,15 @@ class ExpertStore:
                 except ValueError: bad.setdefault(l, []).append(e)
         return bad
 
-    def load_layers(self, layers, pin: bool = False) -> 'ExpertStore':
-        """Read the rows of `layers` of a memory-mapped store into host RAM (pinned with `pin`), so their copies no
+    def load_layers(self, layers, pin=False) -> 'ExpertStore':
+        """Read the rows of `layers` of a memory-mapped store into host RAM (page-locked with `pin`: True or the CUDA
+        device they are for, chapter 10c's `host_buffer`, exact to the page), so their copies no
         longer touch the disk: the split tier, when host RAM holds part of the store but not all of it. Each row read
         is checked against its CRC-32 on the way in."""
         for l in layers:
             if l not in self.resident:
-                src, r = self.rows[l], torch.empty(self.rows[l].shape, dtype=torch.uint8, pin_memory=pin)
+                src = self.rows[l]
+                r = host_buffer(src.shape[0] * src.shape[1], pin).view(src.shape)
                 if isinstance(src, torch.Tensor): r.copy_(src)
                 else:                                # assembled from a checkpoint's pieces, row by row
                     for e in range(r.shape[0]): copy_row(r[e], src[e])
@@ -182,7 +184,7 @@ def put_back(m: nn.Module, weights, transposed: bool, device=None):
 # %% ../nbs/10b_store.ipynb #baac977f
 @patch(cls_method=True)
 @torch.no_grad()
-def build(cls: ExpertStore, model: nn.Module, bits=None, group_size: int = 16, meta_bits=8, path=None, pin: bool = False,
+def build(cls: ExpertStore, model: nn.Module, bits=None, group_size: int = 16, meta_bits=8, path=None, pin=False,
           progress: bool = True, hold: bool = False) -> 'ExpertStore':
     """Move every expert of `model` (transformers' experts interface) into a store: dense in the model's dtype
     (`bits=None`) or quantized to `bits` with HQQ (chapter 07's packed buffers). Layer by layer, each experts
@@ -209,7 +211,7 @@ def build(cls: ExpertStore, model: nn.Module, bits=None, group_size: int = 16, m
         for layer, m in bar:                         # (closed on the way out: an error prints below the bar)
             fmt, E, fill = expert_rows(m, bits, group_size, meta_bits)
             if out is None:
-                r = torch.zeros(E, fmt['nbytes'], dtype=torch.uint8, pin_memory=pin)
+                r = host_buffer(E * fmt['nbytes'], pin).view(E, fmt['nbytes'])
                 for e in range(E): fill(e, r[e])
                 rows[layer] = r
             else: index[str(layer)] = write_rows(out, fmt, E, fill)

@@ -125,3 +125,30 @@ def test_the_device_carries_its_index_and_events_follow_it():
     layer = eng.layers[0]
     layer.reset()
     assert isinstance(layer.read_done, torch.cuda.Event)                # the first copies after a reset wait for queued reads
+
+
+def test_host_buffer_is_page_locked_to_the_page_not_a_power_of_two():
+    "chapter 10c's host_buffer: exact to the page, page-locked (asynchronous copies), zeroed, freed with its views."
+    from moe_explained.copier import PAGE, host_buffer
+    n = 5 * 2**20 + 123                                       # the pinned allocator would hold 8 MiB
+    b = host_buffer(n, pin=DEV)
+    assert b.numel() == n and b.is_pinned() and int(b.sum()) == 0
+    assert b.untyped_storage().nbytes() == -(-n // PAGE) * PAGE
+    b.copy_(torch.arange(n, dtype=torch.int64).remainder(251).to(torch.uint8))
+    d = torch.empty(n, dtype=torch.uint8, device=DEV)
+    d.copy_(b, non_blocking=True); torch.cuda.synchronize()
+    assert torch.equal(d.cpu(), b)
+
+
+def test_a_checkpoint_served_on_the_device_equals_from_pretrained(tmp_path):
+    "chapter 11b on the GPU: the tiny Mixtral's own checkpoint, layers read into page-locked RAM, equal to from_pretrained."
+    from transformers import AutoModelForCausalLM
+    from moe_explained.checkpoint import load_offloaded
+    from moe_explained.pretrained import TINY_MIXTRAL_PATH
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH).to(DEV).eval(); ref.set_experts_implementation('eager')
+    for opts in (dict(store='disk'), dict(host_memory='1GiB')):
+        m = load_offloaded(TINY_MIXTRAL_PATH, device=DEV, cache_size=2, progress=False, **opts)
+        with torch.no_grad(): assert torch.equal(m(ids.to(DEV)).logits, ref(ids.to(DEV)).logits), opts
+        st = m.moe_offload.store
+        assert all(st.rows[l].is_pinned() for l in st.resident)
