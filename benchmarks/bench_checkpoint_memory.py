@@ -7,13 +7,16 @@ runs in a fresh process, one after another, interleaved over the repeats:
 - `plain`: transformers' `from_pretrained` (eager experts), everything in RAM: the greedy tokens every variant must equal;
 - `whole`: chapter 10's `load_and_offload` (the path `load_offloaded` took before chapter 11b), store in RAM;
 - `served`: `load_offloaded` with `host_memory` = one MoE layer's experts (a quarter of them), the rest memory-mapped;
-- `served_disk`: `load_offloaded(..., store='disk')`, no expert read into RAM.
+- `served_disk`: `load_offloaded(..., store='disk')`, no expert read into RAM;
+- `exclusive`: `load_offloaded(..., placement='exclusive', cache_size=7)`: each expert in a slot or in one of the
+  E - C + 1 = 2 host rows per layer (a quarter of the experts: the same RAM as `host_memory`), evicted ones written back.
 
 Memory is the process's anonymous resident set (`RssAnon` of /proc/self/status, which leaves out the page cache of
 memory-mapped files), sampled every millisecond by a thread from just before loading to the end of generation; the
 growth is the peak less the value just before loading (torch and transformers imported). The bound checked for the
 served variants: the non-expert weights + the device slots and staging buffer + the resident experts (`host_memory`)
-+ a margin of 64 MiB for activations, the KV cache and the allocator.
++ a margin of 64 MiB for activations, the KV cache and the allocator (for `exclusive`, its host rows in place of the
+resident experts). On CPU the "device" slots are host memory too, and counted.
 
     python benchmarks/bench_checkpoint_memory.py            # -> benchmarks/results/checkpoint_memory_cpu.json
     python benchmarks/bench_checkpoint_memory.py --quick    # smaller shapes, 1 repeat (-> checkpoint_memory_quick.json)
@@ -33,6 +36,7 @@ from pathlib import Path
 from common import cpu_model  # benchmarks/common.py (scripts run as `python benchmarks/...`)
 
 MARGIN = 64 * 2**20
+VARIANTS = ['plain', 'whole', 'served', 'served_disk', 'exclusive']
 SHAPES = dict(full=dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4, shard='120MB'),
               quick=dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, shard='8MB'))
 
@@ -81,6 +85,7 @@ def run(folder: Path, variant: str, host_memory: int, tokens: int) -> dict:
             m = AutoModelForCausalLM.from_pretrained(folder); m.set_experts_implementation('eager')
         elif variant == 'whole': m = load_and_offload(folder, cache_size=2, progress=False)
         elif variant == 'served': m = load_offloaded(folder, cache_size=2, host_memory=host_memory, progress=False)
+        elif variant == 'exclusive': m = load_offloaded(folder, cache_size=7, placement='exclusive', progress=False)
         else: m = load_offloaded(folder, cache_size=2, store='disk', progress=False)
         load_s = time.perf_counter() - t
         after_load = rss_anon()
@@ -93,7 +98,8 @@ def run(folder: Path, variant: str, host_memory: int, tokens: int) -> dict:
     if eng is not None:
         ck = Checkpoint(folder)
         expert_bytes = eng.store.nbytes
-        res |= dict(store=repr(eng.store), expert_bytes=expert_bytes, resident_bytes=eng.store.host_nbytes,
+        res |= dict(store=repr(eng.store), expert_bytes=expert_bytes,
+                    resident_bytes=eng.store.host_nbytes + sum(l.host_bytes for l in eng.layers.values()),
                     non_expert_bytes=ck.nbytes - expert_bytes,
                     slot_bytes=sum(l.device_bytes for l in eng.layers.values()) + sum(b.numel() for b in eng.staging.values()))
     return res
@@ -124,14 +130,14 @@ def main():
         straddling = _straddling(ck)
         runs = []
         for r in range(repeats):
-            for v in (['plain', 'whole', 'served', 'served_disk'] if r % 2 == 0 else ['served_disk', 'served', 'whole', 'plain']):
+            for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
                 p = subprocess.run(me + ['--child', str(folder), v, str(host_memory), str(tokens)], capture_output=True, text=True)
                 if p.returncode: raise SystemExit(f'{v} failed:\n{p.stderr[-3000:]}')
                 runs.append(json.loads(p.stdout.strip().splitlines()[-1]) | dict(repeat=r))
                 print(v, r, f"peak growth {runs[-1]['peak_growth'] / 2**20:,.1f} MiB", flush=True)
     ref = next(x['tokens'] for x in runs if x['variant'] == 'plain')
     summary = {}
-    for v in ('plain', 'whole', 'served', 'served_disk'):
+    for v in VARIANTS:
         rs = [x for x in runs if x['variant'] == v]
         s = dict(peak_growth_mib=max(x['peak_growth'] for x in rs) / 2**20, load_growth_mib=max(x['load_growth'] for x in rs) / 2**20,
                  load_s=min(x['load_s'] for x in rs), generate_s=min(x['generate_s'] for x in rs),

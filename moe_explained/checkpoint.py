@@ -6,7 +6,7 @@ Docs: https://moe-explained.github.io/moe_explained/checkpoint.html.md"""
 
 # %% auto #0
 __all__ = ['logger', 'ST_DTYPES', 'Checkpoint', 'LayoutUnsupported', 'expert_layout', 'PieceRow', 'PieceRows', 'checkpoint_store',
-           'resident_budget', 'load_checkpoint', 'folder_kind', 'conversion_cache', 'load_offloaded']
+           'resident_budget', 'check_exclusive', 'load_checkpoint', 'folder_kind', 'conversion_cache', 'load_offloaded']
 
 # %% ../nbs/11b_checkpoint.ipynb #f7c56d6c
 import copy, dataclasses, hashlib, json, logging, math, os, re, warnings
@@ -20,7 +20,7 @@ from .convert import (WORK, convert, generation_config, layer_modules, load_conv
 from .errors import ArgumentError, one_line
 from .experts import drop_experts, expert_params
 from .hub import check_safetensors, resolve_model
-from .offload import HOST_RESERVE, OffloadConfig, attach, check_model, load_and_offload
+from .offload import HOST_RESERVE, OffloadConfig, attach, auto_cache_size, check_model, load_and_offload
 from .plan import host_available, parse_bytes, pinned_nbytes
 from .quant import check_attention, quantize_attention
 from .store import MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, dense_format, store_folder
@@ -180,6 +180,20 @@ def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
     per = pinned_nbytes(per_layer) if config.device.type == 'cuda' else per_layer
     return int(min(layers, budget // max(per, 1)))
 
+def check_exclusive(store: ExpertStore, config: OffloadConfig) -> int:
+    """Refuse exclusive placement when its host rows — E - C + 1 per MoE layer, page-locked on CUDA — exceed the host
+    budget (`host_memory`, default the available RAM less `HOST_RESERVE`); returns their bytes."""
+    C = config.cache_size if config.cache_size != 'auto' else auto_cache_size(store, config)
+    need = sum(pinned_nbytes((store.num_experts(l) - C + 1) * store.row_nbytes(l)) if config.device.type == 'cuda'
+               else (store.num_experts(l) - C + 1) * store.row_nbytes(l) for l in store.layers)
+    budget = max(host_available() - HOST_RESERVE, 0) if config.host_memory is None else parse_bytes(config.host_memory, 'host_memory')
+    if need > budget:
+        raise ArgumentError(f"{{placement}} keeps E - C + 1 experts per MoE layer in host RAM: {need / 2**30:.2f} GiB with "
+                            f"cache_size={C}, over the {budget / 2**30:.2f} GiB of {{host_memory:name}}: raise cache_size (fewer "
+                            f"experts left on the host) or use {{placement|inclusive}}", placement='exclusive',
+                            host_memory=config.host_memory, inclusive='inclusive')
+    return need
+
 @torch.no_grad()
 def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = True) -> nn.Module:
     """A dense MoE checkpoint folder, offloaded as `config` says with its experts served from its own safetensors files
@@ -220,9 +234,11 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
     if left: raise ValueError(f"the checkpoint {path} lacks weights the model needs: {left[:8]}")
     generation_config(model, path)
     store = checkpoint_store(ckpt, formats, pieces)
-    per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
-    n = resident_budget(config, per, len(store.layers))
-    store.load_layers(store.layers[:n], pin=config.device if config.device.type == 'cuda' else False)
+    if config.placement == 'exclusive': check_exclusive(store, config)     # its host rows are the budget's
+    else:
+        per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
+        n = resident_budget(config, per, len(store.layers))
+        store.load_layers(store.layers[:n], pin=config.device if config.device.type == 'cuda' else False)
     if config.attn_bits is not None: quantize_attention(model, config.attn_bits, compute_dtype=dtype, device=config.device)
     return attach(model, store, config)
 
@@ -282,7 +298,7 @@ def load_offloaded(name_or_path=None, config: OffloadConfig = None, dtype=None, 
         _converted_options(path, config)
         return load_converted(path, cache_size=config.cache_size, device=config.device, prefetch=config.prefetch,
                               miss=config.miss, policy=config.policy, host_memory=0 if config.store == 'disk' else config.host_memory,
-                              progress=progress)
+                              placement=config.placement, progress=progress)
     if config.experts_bits is not None:            # quantized experts: converted once, streaming and resumable, then loaded
         out = config.offload_folder or conversion_cache(source.resolve() if isinstance(source, Path) else source, revision,
                                dict(experts_bits=config.experts_bits, attn_bits=config.attn_bits, group_size=config.group_size,

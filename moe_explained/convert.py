@@ -543,15 +543,15 @@ def _empty_attention(model, bits, dtype, device):
 
 @torch.no_grad()
 def load_converted(name_or_path, cache_size='auto', device=None, prefetch=True, miss: str = 'copy', policy='LRU',
-                   resident_layers=None, host_memory=None, progress: bool = True) -> nn.Module:
+                   resident_layers=None, host_memory=None, placement: str = 'inclusive', progress: bool = True) -> nn.Module:
     """Load a converted model (`convert` or `save_offloaded`; a folder, or a hub repository holding one) without
     re-quantizing anything: the non-expert weights are read from their safetensors files (quantized attention as hqq
     saved it), the expert store is memory-mapped, `resident_layers` of its MoE layers are read into host RAM (pinned on
     CUDA; default: as many as `host_memory` holds — bytes or '12GiB', default the available RAM less 2 GiB; 0 keeps
-    every expert on disk), and the engine is
+    every expert on disk; `placement='exclusive'` reads none, see `OffloadConfig`), and the engine is
     attached with `cache_size` device slots per layer ('auto': the most the device holds) (`plan_memory(...).load_kwargs()` gives both)."""
     engine_config = OffloadConfig(cache_size=cache_size, device=device, prefetch=prefetch, miss=miss, policy=policy,
-                                  host_memory=host_memory)
+                                  host_memory=host_memory, placement=placement)
     device = engine_config.device
     path = _resolve_converted(name_or_path, progress)
     manifest = read_manifest(path)
@@ -591,6 +591,7 @@ def load_converted(name_or_path, cache_size='auto', device=None, prefetch=True, 
     generation_config(model, path)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left: raise ValueError(f"the converted model {path} lacks weights: {left[:8]}")
+    if placement == 'exclusive': resident_layers = 0       # its own host rows hold what is not on the device
     if resident_layers is None:
         from moe_explained.plan import host_available, parse_bytes, pinned_nbytes
         per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)

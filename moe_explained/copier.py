@@ -68,7 +68,7 @@ class ThreadCopier:
         self.copies, self.bytes, self.bytes_by_kind, self.outstanding, self.last = 0, 0, {}, [], DONE
 
     def _count(self, dst, kind):
-        self.copies += 1; self.bytes += dst.numel()
+        if kind != 'writeback': self.copies += 1; self.bytes += dst.numel()     # loads; write-backs by kind only
         self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + dst.numel()
     def _track(self, handle):
         "Remember `handle` until `drain`; finished ones that raised nothing are forgotten as we go."
@@ -91,6 +91,10 @@ class ThreadCopier:
     def copy_now(self, dst, src, check=None):
         if check is not None: check()
         self._count(dst, 'staging'); copy_row(dst, src)
+    def copy_back(self, dst, src):
+        """Copy a device slot `src` back into the host row `dst` (exclusive placement's write-back), in order with the
+        other copies: after every copy asked for before it, before every copy asked for after it."""
+        return self.copy(dst, src, kind='writeback')
     def drain(self):
         "Wait for every copy asked for so far; then raise the first error any of them raised (each error once)."
         handles, self.outstanding, first = self.outstanding, [], None
@@ -118,7 +122,7 @@ class CudaCopier(ThreadCopier):
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if after is not None: self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
-            dst.record_stream(self.stream)
+            (dst if dst.is_cuda else src).record_stream(self.stream)     # the device tensor this stream uses
             ev = torch.cuda.Event(); ev.record(self.stream)
         return ev
 
@@ -141,6 +145,10 @@ class CudaCopier(ThreadCopier):
     def copy_now(self, dst, src, check=None):
         if check is not None: check()
         self._count(dst, 'staging'); copy_row(dst, src, non_blocking=src.is_pinned())   # compute stream
+    def copy_back(self, dst, src):
+        "The write-back on the copy stream, into a page-locked host row: ordered with the loads on the same stream."
+        self._count(dst, 'writeback')
+        return self._track(_EventHandle(self._issue(dst, src, None), self.device))
     def drain(self):
         try: super().drain()
         finally: self.stream.synchronize()     # also when a copy failed: nothing is still running on the device

@@ -69,8 +69,8 @@ def test_bench_checkpoint_memory_quick(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r['experts_over_host_memory'] >= 4 and r['experts_straddling_shards'] > 0
-    for v in ('plain', 'whole', 'served', 'served_disk'): assert r['summary'][v]['tokens_equal_plain'], v
-    for v in ('served', 'served_disk'):
+    for v in ('plain', 'whole', 'served', 'served_disk', 'exclusive'): assert r['summary'][v]['tokens_equal_plain'], v
+    for v in ('served', 'served_disk', 'exclusive'):
         s = r['summary'][v]
         assert s['within_bound'] and s['peak_growth_mib'] <= s['bound_mib'], (v, s)
 

@@ -1,7 +1,10 @@
 """Chapter 11b: the one entry point, and a dense checkpoint served from its own safetensors files."""
 import json
 import shutil
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ from moe_explained.checkpoint import (Checkpoint, LayoutUnsupported, PieceRow, c
 from moe_explained.convert import convert, save_offloaded
 from moe_explained.errors import ArgumentError
 from moe_explained.hub import resolve_model
-from moe_explained.offload import load_and_offload, offload
+from moe_explained.cache import simulate
+from moe_explained.offload import load_and_offload, offload, offload_stats
 from moe_explained.pretrained import TINY_MIXTRAL_PATH
 from moe_explained.store import expert_rows
 from moe_explained.testing import FamilySkipped, expected_families, tiny_family_model
@@ -172,3 +176,106 @@ def test_a_layout_that_is_not_byte_ranges_falls_back_to_the_whole_load(sharded, 
     ref = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32); ref.set_experts_implementation('eager')
     with torch.no_grad(): assert torch.equal(m(IDS).logits, ref(IDS).logits)
     assert issubclass(LayoutUnsupported, ValueError)
+
+
+# --- exclusive placement ----------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
+from moe_explained.copier import ThreadCopier                           # noqa: E402
+
+
+class SlowCopier(ThreadCopier):
+    "Every background copy (loads and write-backs) sleeps first: a reader that does not wait reads stale bytes."
+    def _copy(self, dst, src, kind):
+        time.sleep(0.002)
+        dst.copy_(src)
+
+
+def _prop_folder():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(3)
+    m = MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+                                         num_experts_per_tok=2, max_position_embeddings=64)).eval()
+    d = Path(tempfile.mkdtemp(prefix='moe-exclusive-'))
+    m.save_pretrained(d)
+    ref = AutoModelForCausalLM.from_pretrained(d).eval(); ref.set_experts_implementation('eager')
+    return d, ref.model.layers[0].mlp.experts
+
+
+EX_FOLDER, EX_REF = _prop_folder()
+step = st.one_of(st.tuples(st.just('prefetch'), st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True)),
+                 st.tuples(st.just('call'), st.integers(1, 4), st.integers(0, 2**16)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cache_size=st.integers(1, 6), slow=st.booleans(), steps=st.lists(step, min_size=1, max_size=12))
+def test_exclusive_placement_property(cache_size, slow, steps):
+    """Random routing, prefetches and cache sizes under exclusive placement: every call equals the eager experts exactly;
+    every expert is in exactly one place — a slot (the cache's) or one of E - C host rows — and its bytes there are the
+    checkpoint's; one host row is spare; the counters add up against chapter 08's simulator."""
+    m = load_offloaded(EX_FOLDER, cache_size=cache_size, prefetch=False, placement='exclusive', progress=False)
+    eng = m.moe_offload
+    if slow:
+        eng.copier.close(); eng.copier = SlowCopier()
+    layer, E = eng.layers[0], 6
+    requests = []
+    for s in steps:
+        if s[0] == 'prefetch':
+            layer.prefetch(s[1]); requests.append(None)
+        else:
+            g = torch.Generator().manual_seed(s[2])
+            h = torch.randn(s[1], 32, generator=g)
+            idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(s[1])])
+            w = torch.rand(s[1], 2, generator=g)
+            with torch.no_grad(): assert torch.equal(layer(h, idx, w), EX_REF(h, idx, w))
+            requests.append(sorted(set(idx.flatten().tolist())))
+        assert set(layer.slot_of) == layer.cache.cached and len(layer.slot_of) == cache_size
+        assert set(layer.home) | set(layer.slot_of) == set(range(E)) and not set(layer.home) & set(layer.slot_of)
+        assert len(layer.home) == E - cache_size and layer.spare not in layer.home.values()
+    eng.copier.drain()
+    st_ = eng.store
+    for e, slot in layer.slot_of.items(): assert torch.equal(layer.slots[slot], st_.row(0, e)) and layer.content[slot] == e
+    for e, r in layer.home.items(): assert torch.equal(layer.host[r], st_.row(0, e))
+    assert layer.host.shape[0] == E - cache_size + 1
+    if not any(r is None for r in requests):
+        # the initial placement is the cache's first request (experts 0..C-1), not counted
+        ref = simulate([list(range(cache_size))] + requests, 'LRU', cache_size, num_experts=E)
+        assert (layer.stats.hits, layer.stats.misses) == (ref.hits, ref.misses - cache_size)
+
+
+def test_exclusive_placement_generates_what_from_pretrained_does(sharded):
+    ref = _reference(sharded)
+    want = ref.generate(IDS, max_new_tokens=10, do_sample=False)
+    for C in (1, 3, 7):
+        for prefetch in (True, False):
+            m = load_offloaded(sharded, cache_size=C, placement='exclusive', prefetch=prefetch, progress=False)
+            assert torch.equal(m.generate(IDS, max_new_tokens=10, do_sample=False), want), (C, prefetch)
+    s = offload_stats(m)
+    per = m.moe_offload.store.row_nbytes(0)
+    assert s.host_bytes == 4 * (8 - 7 + 1) * per and not m.moe_offload.store.resident
+
+
+def test_exclusive_placement_refusals(sharded):
+    with pytest.raises(ArgumentError, match="placement='exclusive' keeps E - C \\+ 1 experts per MoE layer"):
+        load_offloaded(sharded, cache_size=2, placement='exclusive', host_memory='1MiB', progress=False)
+    with pytest.raises(ArgumentError, match="miss='host' computes a missed expert where it is stored"):
+        load_offloaded(sharded, placement='exclusive', miss='host', progress=False)
+    with pytest.raises(ArgumentError, match="placement='exclusive' keeps E - C experts per layer in RAM"):
+        offload(AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH), placement='exclusive', progress=False)
+    with pytest.raises(ArgumentError, match="placement='both'"): load_offloaded(sharded, placement='both', progress=False)
+
+
+def test_exclusive_placement_recovers_from_a_failed_write_back():
+    "A write-back that fails leaves a slot unknown: every layer is placed again from the files, and the next call is right."
+    m = load_offloaded(EX_FOLDER, cache_size=2, prefetch=False, placement='exclusive', progress=False)
+    eng, layer = m.moe_offload, m.moe_offload.layers[0]
+    real, failed = eng.copier._copy, []
+    def once(dst, src, kind):
+        if kind == 'writeback' and not failed: failed.append(1); raise OSError('the copy failed')
+        return real(dst, src, kind)
+    eng.copier._copy = once
+    h, idx, w = torch.randn(3, 32), torch.tensor([[2, 3], [4, 5], [3, 4]]), torch.rand(3, 2)
+    with pytest.raises(OSError, match='the copy failed'), torch.no_grad(): layer(h, idx, w)
+    assert failed and sorted(layer.slot_of) == [0, 1] and len(layer.home) == 4        # placed again, from the files
+    with torch.no_grad(): assert torch.equal(layer(h, idx, w), EX_REF(h, idx, w))
