@@ -1,4 +1,4 @@
-"""One entry point for every kind of model folder, and a dense model served from its own safetensors files: the experts memory-mapped where the hub put them, never copied through host memory, host RAM used as a budget.
+"""One entry point for every kind of model folder, and a dense model served from its own safetensors files: the experts memory-mapped where the hub put them, never copied through host memory, host RAM used as a budget — or, with exclusive placement, holding only the experts the device does not.
 
 Docs: https://moe-explained.github.io/moe_explained/checkpoint.html.md"""
 

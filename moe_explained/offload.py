@@ -68,8 +68,9 @@ class OffloadedExperts:
     """One MoE layer's experts under offloading: `capacity` device slots, preallocated (a load is a copy into a slot,
     never an allocation), filled by chapter 08's `ExpertCache` (its policy decides what stays; its counters count),
     plus a staging buffer (the engine's, shared by all layers) for experts a prefill uses but the cache does not keep.
-    The store keeps the master copy, read live (`rows`): nothing is written back. `__call__` is the experts forward
-    (transformers' interface)."""
+    With inclusive placement the store keeps the master copy, read live (`rows`), and nothing is written back; with
+    exclusive placement (chapter 11b) the layer's experts live in the slots or in its own host rows, an evicted
+    expert written back. `__call__` is the experts forward (transformers' interface)."""
     def __init__(self, engine, layer: int, module: nn.Module, capacity: int):
         self.engine, self.layer, self.capacity, self.module = engine, layer, capacity, module
         store = engine.store

@@ -188,9 +188,12 @@ def shipped_sizes(model):
 class MemoryPlan:
     """Where everything of an offloaded model goes: `device`, `host` and `disk` map each item to its bytes (with the
     arithmetic in the item's name), `budget` holds what each tier has. `store` is 'memory' (every expert in host RAM),
-    'split' (the first `resident_layers` MoE layers' experts in host RAM, the rest memory-mapped from disk) or 'disk'."""
+    'split' (the first `resident_layers` MoE layers' experts in host RAM, the rest memory-mapped from disk), 'disk', or
+    'exclusive' (`placement='exclusive'`: each expert on the device or in one of E - C + 1 host rows per layer, chosen
+    when RAM cannot hold every expert but can hold those the device does not: no expert is then read from disk)."""
     sizes: ModelSizes; experts_bits: int; attn_bits: int; group_size: int; cache_size: int; store: str
     resident_layers: int; max_tokens: int; device: dict; host: dict; disk: dict; budget: dict; notes: list = field(default_factory=list)
+    placement: str = 'inclusive'
 
     def total(self, tier: str) -> int: return sum(getattr(self, tier).values())
     fits = property(lambda self: all(self.total(t) <= self.budget[t] for t in ('device', 'host', 'disk')))
@@ -198,7 +201,7 @@ class MemoryPlan:
 
     def load_kwargs(self) -> dict:
         "The arguments of `load_converted` this plan stands for."
-        return dict(cache_size=self.cache_size, resident_layers=self.resident_layers)
+        return dict(cache_size=self.cache_size, resident_layers=self.resident_layers, placement=self.placement)
 
     def __str__(self):
         s = self.sizes
@@ -226,7 +229,7 @@ def converted_nbytes(sizes, experts_bits, attn_bits, group_size: int = 16, dtype
     return store + (sizes.embeddings + sizes.other) * dtype_bytes + _attention_nbytes(sizes, attn_bits, dtype_bytes)
 
 def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, budget, dtype_bytes, device_reserve,
-          host_reserve, shard_bytes, pin_host: bool = True) -> MemoryPlan:
+          host_reserve, shard_bytes, pin_host: bool = True, placement: str = 'auto') -> MemoryPlan:
     L, E = len(sizes.moe_layers), sizes.experts
     nb = sizes.expert_nbytes(experts_bits, group_size, dtype_bytes)
     attn = _attention_nbytes(sizes, attn_bits, dtype_bytes)
@@ -247,23 +250,35 @@ def _plan(sizes, experts_bits, attn_bits, group_size, cache_size, max_tokens, bu
     rounded = f', page-locked ({_fmt(held).strip()} a layer)' if pin_host else ''
     host = {'Python, torch, CUDA libraries, tokenizer (reserve)': host_reserve,
             f'expert store in RAM{rounded}: {resident} of {L} layers': resident * held}
-    if store != 'memory' and bounce: host['pinned bounce buffers for rows read from disk (2, double-buffered)'] = bounce
+    rows = (E - cache_size + 1) * nb
+    ex_held = pinned_nbytes(rows) if pin_host else rows
+    if store != 'memory' and placement == 'auto' and L * ex_held <= room:   # exclusive: the host holds what the device does not
+        store, resident = 'exclusive', 0
+        host = {'Python, torch, CUDA libraries, tokenizer (reserve)': host_reserve,
+                f'exclusive placement: {E - cache_size + 1} host rows x {L} layers x {_fmt(nb).strip()}{", page-locked" if pin_host else ""}': L * ex_held}
+    elif store != 'memory' and bounce: host['pinned bounce buffers for rows read from disk (2, double-buffered)'] = bounce
     rest = converted_nbytes(sizes, experts_bits, attn_bits, group_size, dtype_bytes) - store_bytes
     disk = {f'expert store (experts.bin): {L} x {E} x {_fmt(nb).strip()}': store_bytes,
             'other weights (weights-*.safetensors)': rest,
             'while converting only: 2 downloaded shards': 2 * shard_bytes}
-    return MemoryPlan(sizes, experts_bits, attn_bits, group_size, cache_size, store, int(resident), max_tokens, device, host, disk, budget)
+    return MemoryPlan(sizes, experts_bits, attn_bits, group_size, cache_size, store, int(resident), max_tokens, device, host,
+                      disk, budget, placement='exclusive' if store == 'exclusive' else 'inclusive')
 
 def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, experts_bits: int = 2, attn_bits='auto',
                 cache_size=None, group_size: int = 16, max_tokens: int = 4096, dtype_bytes: int = 2,
-                device_reserve='1GiB', host_reserve='2GiB', shard_bytes='5GB', folder='.', device=None) -> MemoryPlan:
+                device_reserve='1GiB', host_reserve='2GiB', shard_bytes='5GB', folder='.', device=None,
+                placement: str = 'auto') -> MemoryPlan:
     """A memory plan for running `model` (a config, shipped name, folder or hub id: only its config is read) offloaded:
     experts at `experts_bits` HQQ, attention at `attn_bits` (4, or 3 or 2 if that is what fits; None keeps 16 bits),
     the largest cache that fits the device (or `cache_size`), and the expert store in host RAM, split between RAM and
     disk, or memory-mapped from disk — whatever the host has room for. `device_memory` defaults to the free memory of
     `device` (the CUDA device the model will run on: 'cuda:1', or the current one),
     `host_memory` to the available RAM, `disk_memory` to the free space of `folder`; each also takes '16GB', '12.7GiB'
-    or a GPU name ('T4'). Nothing is allocated. Raises ValueError naming what to change when no plan fits."""
+    or a GPU name ('T4'). `placement='auto'` chooses exclusive placement when RAM cannot hold every expert but holds
+    those the device does not; 'inclusive' never does. Nothing is allocated. Raises ValueError naming what to change
+    when no plan fits."""
+    if placement not in ('auto', 'inclusive'):
+        raise ArgumentError("{placement}: choose 'auto' (exclusive when that keeps every expert off the disk) or 'inclusive'", placement=placement)
     if device_memory is None:
         import torch
         if not torch.cuda.is_available():
@@ -297,7 +312,7 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
     best = None
     for ab in attn_list:
         for c in ([cache_size] if cache_size else range(E, 0, -1)):
-            p = _plan(sizes, experts_bits, ab, args[0], c, *args[1:])
+            p = _plan(sizes, experts_bits, ab, args[0], c, *args[1:], placement=placement)
             if best is None: best = p
             if p.total('device') <= budget['device']:
                 if p.total('disk') > budget['disk']:
@@ -305,7 +320,10 @@ def plan_memory(model, device_memory=None, host_memory=None, disk_memory=None, e
                                         f"(with 2 shards while converting), {folder} has {_fmt(budget['disk']).strip()} free: free "
                                         f"some, convert into another folder, or lower {{experts_bits:name}}\n{p}", experts_bits=experts_bits)
                 if c < sizes.k: p.notes.append(f"cache {c} < {sizes.k} experts per token: every token misses at least {sizes.k - c} per layer")
-                if p.store != 'memory':
+                if p.store == 'exclusive':
+                    p.notes.append(f"RAM cannot hold every expert but holds the {sizes.experts - c} per layer the device does not: "
+                                   f"exclusive placement, an evicted expert written back; nothing is read from disk")
+                elif p.store != 'memory':
                     p.notes.append(f"{len(sizes.moe_layers) - p.resident_layers} layers' experts are read from disk when "
                                    f"they miss (the page cache keeps what RAM can)")
                 return p
@@ -378,7 +396,7 @@ def forecast(plan: MemoryPlan, gpu: str = None, hit_rate=None, trace=None, link_
     if link_bandwidth is None: raise ArgumentError("give {link_bandwidth:name} (bytes/s) or a {gpu:name} with published figures", link_bandwidth=None, gpu=gpu)
     src['link'] = f'{link_bandwidth / 1e9:,.2f} GB/s' + (f' ({gpu}, published)' if link and link_bandwidth == link else ' (given)')
     b = plan.expert_nbytes
-    disk_share = (L - plan.resident_layers) / L
+    disk_share = 0.0 if plan.placement == 'exclusive' else (L - plan.resident_layers) / L
     if disk_share and disk_bandwidth is None:
         raise ArgumentError(f"{L - plan.resident_layers} of {L} layers' experts are read from disk in this plan: give {{disk_bandwidth:name}} (bytes/s)", disk_bandwidth=None)
     if disk_share: src['disk'] = f'{disk_share:.0%} of misses from disk at {disk_bandwidth / 1e9:,.2f} GB/s'

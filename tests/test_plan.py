@@ -22,12 +22,19 @@ def test_mixtral_on_a_t4():
     assert p.fits and p.experts_bits == 2 and p.attn_bits == 4
     assert p.expert_nbytes == 66_749_312                        # chapter 07's packed 2-bit Mixtral expert
     assert p.total('device') <= parse_bytes('T4') < p.total('device') + p.expert_nbytes * 32   # the largest cache that fits
-    assert p.store == 'split' and 0 < p.resident_layers < 32
+    # 12.7 GB of RAM cannot hold every expert (15.9 GiB) but holds the 3 of 8 per layer the device does not (+1 spare):
+    # exclusive placement, nothing read from disk
+    assert p.store == p.placement == 'exclusive' and p.resident_layers == 0 and p.load_kwargs()['placement'] == 'exclusive'
+    rows = next(v for k, v in p.host.items() if k.startswith('exclusive placement'))
+    assert rows == 32 * (-(-(8 - p.cache_size + 1) * p.expert_nbytes // 4096) * 4096)
     assert p.total('host') <= parse_bytes('12.7GB')
-    held = next(v for k, v in p.host.items() if k.startswith('expert store in RAM'))
-    layer = 8 * p.expert_nbytes
-    assert held == p.resident_layers * (-(-layer // 4096) * 4096) and held < p.resident_layers * 2**29   # to the page
     assert 'expert store (experts.bin)' in str(p) and 'DOES NOT FIT' not in str(p)
+    # with 9 GB of RAM not even that fits: the first layers in RAM, the rest read from disk
+    q = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='9GB', disk_memory='80GB')
+    assert q.store == 'split' and q.placement == 'inclusive' and 0 < q.resident_layers < 32
+    held = next(v for k, v in q.host.items() if k.startswith('expert store in RAM'))
+    layer = 8 * q.expert_nbytes
+    assert held == q.resident_layers * (-(-layer // 4096) * 4096) and held < q.resident_layers * 2**29   # to the page
 
 
 @pytest.mark.parametrize('attn_bits', [4, 3])
@@ -133,7 +140,9 @@ def test_the_uniform_assumption_is_what_lru_gives_on_uniform_requests():
 
 def test_forecast_of_a_plan_and_what_it_needs():
     from moe_explained.plan import LINKS, forecast, plan_memory
-    t4 = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='12.7GB', disk_memory='80GB')
+    ex = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='12.7GB', disk_memory='80GB')
+    assert ex.placement == 'exclusive' and forecast(ex, gpu='T4').disk_s == 0           # nothing read from disk
+    t4 = plan_memory('mixtral-8x7b', device_memory='T4', host_memory='9GB', disk_memory='80GB')
     f = forecast(t4, gpu='T4', disk_bandwidth=1e9)
     L, b = len(t4.sizes.moe_layers), t4.expert_nbytes
     assert f.hit_rate == t4.cache_size / 8 and f.bytes_per_miss == b
