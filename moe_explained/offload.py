@@ -421,6 +421,14 @@ def stats(self: OffloadEngine) -> CacheStats:
     return total
 
 @patch
+def reset_stats(self: OffloadEngine):
+    "Start the counters again: `offload_stats` then reports from here (after a warm-up or a check run, say)."
+    for l in self.layers.values():
+        l.past, l.tokens, l.cache.stats = CacheStats(), 0, CacheStats()
+    self.copier.copies, self.copier.bytes, self.copier.bytes_by_kind = 0, 0, {}
+    self.host_reads = 0
+
+@patch
 def remove_hooks(self: OffloadEngine):
     for h in self.hooks: h.remove()
     self.hooks = []

@@ -168,13 +168,26 @@ def test_what_a_folder_is_is_said(tmp_path, sharded):
         offload(AutoModelForCausalLM.from_pretrained(TINY_MIXTRAL_PATH), host_memory='1GiB', progress=False)
 
 
-def test_a_layout_that_is_not_byte_ranges_falls_back_to_the_whole_load(sharded, tmp_path, monkeypatch):
-    "A dtype other than the checkpoint's cannot be served as its bytes: loaded whole, with a warning naming why."
-    with pytest.warns(UserWarning, match='stored as BF16, the model is loaded in float32'):
-        m = load_offloaded(sharded, cache_size=2, dtype=torch.float32, progress=False)
+def test_another_dtype_is_converted_on_the_way(sharded):
+    "A bf16 checkpoint served in fp16 or fp32: each piece converted as it is copied, equal to from_pretrained in that dtype."
+    for dt in (torch.float16, torch.float32):
+        ref = AutoModelForCausalLM.from_pretrained(sharded, dtype=dt).eval(); ref.set_experts_implementation('eager')
+        for opts in (dict(store='disk'), dict(placement='exclusive')):
+            m = load_offloaded(sharded, cache_size=3, dtype=dt, progress=False, **opts)
+            st = m.moe_offload.store
+            assert st.source is not None and st.formats[0]['fields']['down_proj'][2] == str(dt).removeprefix('torch.')
+            with torch.no_grad(): assert torch.equal(m(IDS).logits, ref(IDS).logits), (dt, opts)
+
+
+def test_a_layout_that_is_not_byte_ranges_falls_back_to_the_whole_load(sharded, monkeypatch):
+    "A layout expert_layout cannot express (here: said so by a stand-in) is loaded whole, with a warning naming why."
+    import moe_explained.checkpoint as C
+    def refuse(*a, **k): raise LayoutUnsupported('transformers converts it with Transpose(dim=1), not byte ranges')
+    monkeypatch.setattr(C, 'expert_layout', refuse)
+    with pytest.warns(UserWarning, match='cannot be served from the checkpoint.*Transpose'):
+        m = load_offloaded(sharded, cache_size=2, progress=False)
     assert m.moe_offload.store.source is None
-    ref = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32); ref.set_experts_implementation('eager')
-    with torch.no_grad(): assert torch.equal(m(IDS).logits, ref(IDS).logits)
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, _reference(sharded)(IDS).logits)
     assert issubclass(LayoutUnsupported, ValueError)
 
 
@@ -279,3 +292,21 @@ def test_exclusive_placement_recovers_from_a_failed_write_back():
     with pytest.raises(OSError, match='the copy failed'), torch.no_grad(): layer(h, idx, w)
     assert failed and sorted(layer.slot_of) == [0, 1] and len(layer.home) == 4        # placed again, from the files
     with torch.no_grad(): assert torch.equal(layer(h, idx, w), EX_REF(h, idx, w))
+
+
+def test_fp16_on_a_pre_ampere_gpu_is_chosen_and_measured(monkeypatch):
+    "serving_dtype: fp16 for a bf16 checkpoint on compute capability < 8.0 only; check_fp16 refuses an overflowing model."
+    from moe_explained.checkpoint import check_fp16, load_checkpoint, serving_dtype
+    from moe_explained.offload import OffloadConfig
+    cuda = torch.device('cuda')
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None: 'Tesla T4')
+    for cap, want in (((7, 5), torch.float16), ((8, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None, cap=cap: cap)
+        assert serving_dtype(torch.bfloat16, None, cuda) == want
+    assert serving_dtype('float32', None, cuda) == torch.float32                   # only bf16 is narrowed
+    assert serving_dtype(torch.bfloat16, None, torch.device('cpu')) == torch.bfloat16
+    assert serving_dtype(torch.bfloat16, torch.float32, cuda) == torch.float32     # what the user asks for wins
+    m = load_checkpoint(TINY_MIXTRAL_PATH, OffloadConfig(cache_size=2), dtype=torch.float16, progress=False)
+    assert 0 < check_fp16(m) < 65504 and offload_stats(m).requests == 0         # the probe's counts are not kept
+    with torch.no_grad(): m.model.layers[2].self_attn.o_proj.weight.mul_(1e6)
+    with pytest.raises(ValueError, match='decoder layer 2 overflow .* dtype=torch.float32'): check_fp16(m)
