@@ -7,7 +7,7 @@ Docs: https://moe-explained.github.io/moe_explained/checkpoint.html.md"""
 # %% auto #0
 __all__ = ['logger', 'ST_DTYPES', 'FP16_MAX', 'Checkpoint', 'LayoutUnsupported', 'expert_layout', 'PieceRow', 'PieceRows',
            'checkpoint_store', 'resident_budget', 'check_exclusive', 'serving_dtype', 'check_fp16', 'load_checkpoint',
-           'folder_kind', 'conversion_cache', 'load_offloaded']
+           'load_plan', 'folder_kind', 'conversion_cache', 'load_offloaded']
 
 # %% ../nbs/11b_checkpoint.ipynb #f7c56d6c
 import copy, dataclasses, hashlib, json, logging, math, os, re, warnings
@@ -306,7 +306,47 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
         check_fp16(model)                     # narrowed to fp16: measured, not assumed
     return model
 
-# %% ../nbs/11b_checkpoint.ipynb #9a537f88
+# %% ../nbs/11b_checkpoint.ipynb #d6a97e28
+def load_plan(path, config: OffloadConfig, dtype=None) -> str:
+    """Where each byte of a dense checkpoint folder will go under `config`, from its headers and config alone: the
+    non-expert weights and the slots on the device (`cache_size='auto'`: what is free after them, as the engine will
+    measure it), the experts read into host RAM (`host_memory`, or exclusive placement's rows) and the rest left in the
+    files. Raises `LayoutUnsupported` as `load_checkpoint` would."""
+    from transformers import AutoConfig
+    path = Path(path)
+    hf = AutoConfig.from_pretrained(path)
+    stored = getattr(hf, 'dtype', None) or torch.float32
+    dtype = serving_dtype(getattr(torch, stored) if isinstance(stored, str) else stored, dtype, config.device)
+    with params_on_meta(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    ckpt = Checkpoint(path)
+    formats, pieces, keys = expert_layout(model, ckpt, check_model(model, config))
+    L, E, row = len(formats), len(next(iter(pieces.values()))), max(f['nbytes'] for f in formats.values())
+    other = sum(math.prod(ckpt.entries[k][2]) for k in ckpt.entries if k not in keys) * dtype.itemsize
+    gib = lambda n: f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
+    C = config.cache_size
+    dev = config.device
+    if C == 'auto':
+        free = (torch.cuda.mem_get_info(dev)[0] if dev.type == 'cuda' else host_available()) - other
+        reserve = 2**30 if dev.type == 'cuda' else HOST_RESERVE
+        C = int(min(E, max(free - reserve - row, 0) // (L * row)))
+        cache = f"cache 'auto': {C} of {E} slots per layer fit after them ({gib(free)} free, {gib(reserve)} kept)"
+    else: cache = f'cache {C} of {E} slots per layer'
+    lines = [f'{path}: {L} MoE layers x {E} experts of {row / 2**20:,.1f} MiB ({str(dtype).removeprefix("torch.")}), '
+             f'{gib(L * E * row)} of experts in {len(ckpt.maps)} safetensors files',
+             f'  device {dev}: non-expert weights {gib(other)}; {cache}: {gib(C * L * row + row)} with the staging buffer']
+    if config.placement == 'exclusive':
+        lines.append(f'  host RAM: exclusive placement, {E - C + 1} rows x {L} layers = {gib((E - C + 1) * L * row)}; '
+                     f'nothing read from disk while generating')
+    else:
+        n = resident_budget(config, E * row, L)
+        lines.append(f'  host RAM: {n} of {L} layers read in ({gib(n * E * row)}); the other {L - n} memory-mapped from the '
+                     f'checkpoint (their misses read the disk or the page cache)')
+    return '\n'.join(lines)
+
+# %% ../nbs/11b_checkpoint.ipynb #383e4719
 def folder_kind(path) -> str:
     """What a local folder holds: 'converted' (a manifest), 'checkpoint' (config.json and safetensors). Anything else
     raises a ValueError saying what the folder is and what is missing."""

@@ -222,7 +222,12 @@ _LOAD_ARGS = (  # how `generate` loads its model (`load_model` reads them)
     arg('--store', choices=('memory', 'disk'), default='memory',
         help='experts in host RAM, or memory-mapped from disk (from --offload-folder, or a temporary file removed when the command ends)'),
     arg('--offload-folder', default=None, help='an empty folder to keep the disk store in (with --store disk, for a model loaded whole)'),
-    arg('--host-memory', default=None, help="host RAM for experts read from the model's files: bytes or '12GiB' (default: what is available less 2 GiB)"))
+    arg('--host-memory', default=None, help="host RAM for experts read from the model's files: bytes or '12GiB' (default: what is available less 2 GiB)"),
+    arg('--placement', choices=('inclusive', 'exclusive'), default='inclusive',
+        help='inclusive: the store keeps every expert; exclusive: each expert on the device or in host RAM, evicted ones written back'),
+    arg('--dtype', default=None, help="the dtype to run in, e.g. float32 (default: the checkpoint's; float16 for bf16 on a GPU older than Ampere)"),
+    arg('--plan', action=argparse.BooleanOptionalAction, default=None,
+        help="print where each byte will go before loading a checkpoint folder, on stderr (default: when stderr is a terminal)"))
 
 def load_model(args):
     """`(model, tokenizer)` for the loading options of `generate`: the config and the tokenizer first (a model folder
@@ -241,10 +246,19 @@ def load_model(args):
     except Exception as e:
         raise ValueError(f"cannot load the tokenizer of {path} ({one_line(e, 160)}): a model folder needs its tokenizer files "
                          f"(tokenizer.json, or tokenizer.model with its config)") from None
-    model = checkpoint.load_offloaded(args.model if args.model is not None else path, cache_size=args.cache_size,
-                                      experts_bits=args.experts_bits or None, attn_bits=args.attn_bits or None,
-                                      device=args.device, prefetch=args.prefetch, miss=args.miss, store=args.store,
-                                      offload_folder=args.offload_folder, host_memory=args.host_memory, progress=False)
+    import torch
+    from moe_explained.errors import ArgumentError
+    if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise ArgumentError("{dtype} is not a torch dtype (try float16, bfloat16 or float32)", dtype=args.dtype)
+    options = dict(cache_size=args.cache_size, device=args.device, prefetch=args.prefetch, miss=args.miss, store=args.store,
+                   host_memory=args.host_memory, placement=args.placement)
+    show = args.plan if args.plan is not None else sys.stderr.isatty()
+    if show and not args.experts_bits and path.is_dir() and checkpoint.folder_kind(path) == 'checkpoint':
+        try: print(checkpoint.load_plan(path, checkpoint.OffloadConfig(**options), args.dtype and getattr(torch, args.dtype)), file=sys.stderr)
+        except checkpoint.LayoutUnsupported: pass             # loaded whole instead; load_offloaded says why
+    model = checkpoint.load_offloaded(args.model if args.model is not None else path, experts_bits=args.experts_bits or None,
+                                      attn_bits=args.attn_bits or None, offload_folder=args.offload_folder,
+                                      dtype=args.dtype and getattr(torch, args.dtype), progress=False, **options)
     if tok.pad_token_id is None: tok.pad_token = tok.eos_token
     tok.padding_side = 'left'                     # a decoder-only model continues each row from its last real token
     return model, tok

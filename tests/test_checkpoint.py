@@ -65,7 +65,11 @@ def test_every_family_served_from_its_checkpoint(family, tmp_path):
     # transformers' own round trip is not exact for a few families (qwen3_5_moe, minimax_m3_vl with 5.25: the model
     # from_pretrained builds computes other logits than the model it saved, from the same state): then either of the
     # two references, bit for bit
-    assert torch.equal(out, want) or (not torch.equal(want, saved) and torch.equal(out, saved))
+    same = lambda x: torch.equal(x, want) or (not torch.equal(want, saved) and torch.equal(x, saved))
+    assert same(out)
+    if served:                                 # exclusive placement too: each expert in a slot or a host row
+        ex = load_offloaded(tmp_path, cache_size=2, placement='exclusive', progress=False)
+        with torch.no_grad(): assert same(ex(ids).logits)
 
 
 @pytest.fixture(scope='module')
@@ -310,3 +314,26 @@ def test_fp16_on_a_pre_ampere_gpu_is_chosen_and_measured(monkeypatch):
     assert 0 < check_fp16(m) < 65504 and offload_stats(m).requests == 0         # the probe's counts are not kept
     with torch.no_grad(): m.model.layers[2].self_attn.o_proj.weight.mul_(1e6)
     with pytest.raises(ValueError, match='decoder layer 2 overflow .* dtype=torch.float32'): check_fp16(m)
+
+
+def test_generate_prints_the_plan_first_and_takes_the_new_flags(capsys):
+    from moe_explained.cli import main
+    rc = main(['generate', 'And it came to pass', '--max-new-tokens', '4', '--plan', '--host-memory', '6MiB',
+               '--placement', 'inclusive', '--dtype', 'float32'])             # float32: 3 MiB a layer
+    out, err = capsys.readouterr()
+    assert rc == 0 and '4 MoE layers x 8 experts of 0.4 MiB (float32)' in err and 'host RAM: 2 of 4 layers read in (6.0 MiB)' in err
+    assert 'host RAM 6.0 MiB' in out                                            # what the plan said, as the engine reports it
+    rc = main(['generate', 'x', '--max-new-tokens', '2', '--placement', 'exclusive', '--cache-size', '6'])
+    out, err = capsys.readouterr()
+    assert rc == 0 and 'cache 6/8 slots' in out and err == ''                   # no terminal: no plan unless asked
+    assert main(['generate', 'x', '--dtype', 'float17']) == 2
+    assert '--dtype float17 is not a torch dtype' in capsys.readouterr().err
+
+
+def test_load_plan_says_where_each_byte_goes():
+    from moe_explained.checkpoint import load_plan
+    from moe_explained.offload import OffloadConfig
+    p = load_plan(TINY_MIXTRAL_PATH, OffloadConfig(cache_size=3, host_memory='3MiB'))
+    assert 'cache 3 of 8 slots per layer' in p and '2 of 4 layers read in (3.0 MiB)' in p and 'memory-mapped' in p
+    q = load_plan(TINY_MIXTRAL_PATH, OffloadConfig(cache_size=6, placement='exclusive'))
+    assert 'exclusive placement, 3 rows x 4 layers' in q and 'nothing read from disk' in q
