@@ -61,13 +61,18 @@ def test_bench_dequant_quick(tmp_path):
         assert r[f'in place, {dn}']['allocated_bytes'] < r[f'fp32 temporaries, {dn} (before)']['allocated_bytes']
 
 
-def test_bench_checkpoint_memory_quick(tmp_path):
-    "A checkpoint 4x the host budget, loaded and run in fresh processes: the served variants stay within their bound, same tokens."
-    out = tmp_path / 'ckpt.json'
-    res = subprocess.run([sys.executable, 'benchmarks/bench_checkpoint_memory.py', '--quick', '--out', str(out)], cwd=ROOT,
+def _quick(script: str, tmp_path) -> dict:
+    "Run a benchmark script's --quick mode into a temporary results file, and read it."
+    out = tmp_path / 'results.json'
+    res = subprocess.run([sys.executable, f'benchmarks/{script}', '--quick', '--out', str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_checkpoint_memory_quick(tmp_path):
+    "A checkpoint 4x the host budget, loaded and run in fresh processes: the served variants stay within their bound, same tokens."
+    r = _quick('bench_checkpoint_memory.py', tmp_path)
     assert r['experts_over_host_memory'] >= 4 and r['experts_straddling_shards'] > 0
     for v in ('plain', 'whole', 'served', 'served_disk', 'exclusive'): assert r['summary'][v]['tokens_equal_plain'], v
     for v in ('served', 'served_disk', 'exclusive'):
@@ -77,11 +82,7 @@ def test_bench_checkpoint_memory_quick(tmp_path):
 
 def test_bench_forecast_quick(tmp_path):
     "The forecast against the engine's measured decode: the script runs and reports each cache size, with the same tokens."
-    out = tmp_path / 'fc.json'
-    res = subprocess.run([sys.executable, 'benchmarks/bench_forecast.py', '--quick', '--out', str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = _quick('bench_forecast.py', tmp_path)
     assert [x['cache_size'] for x in r['rows']] == [2, 4, 6] and r['link_bandwidth'] > 0 and r['plain_tokens_per_s'] > 0
     for x in r['rows']:
         assert x['same_tokens_as_plain'] and 0 <= x['hit_rate_simulated'] <= 1 and 0 <= x['hit_rate_measured'] <= 1
