@@ -6,8 +6,8 @@ Docs: https://moe-explained.github.io/moe_explained/checkpoint.html.md"""
 
 # %% auto #0
 __all__ = ['logger', 'ST_DTYPES', 'FP16_MAX', 'Checkpoint', 'LayoutUnsupported', 'expert_layout', 'PieceRow', 'PieceRows',
-           'checkpoint_store', 'resident_budget', 'check_exclusive', 'serving_dtype', 'check_fp16', 'load_checkpoint',
-           'load_plan', 'folder_kind', 'conversion_cache', 'load_offloaded']
+           'checkpoint_store', 'serving_dtype', 'check_fp16', 'load_checkpoint', 'load_plan', 'folder_kind',
+           'conversion_cache', 'load_offloaded']
 
 # %% ../nbs/11b_checkpoint.ipynb #f7c56d6c
 import copy, dataclasses, hashlib, json, logging, math, os, re, warnings
@@ -21,8 +21,8 @@ from .convert import (WORK, convert, generation_config, layer_modules, load_conv
 from .errors import ArgumentError, one_line
 from .experts import drop_experts, expert_params
 from .hub import check_safetensors, resolve_model
-from .offload import HOST_RESERVE, OffloadConfig, attach, auto_cache_size, check_model, load_and_offload
-from .plan import host_available, parse_bytes, pinned_nbytes
+from .offload import (OffloadConfig, attach, check_model, device_room, fill_host, load_and_offload,
+                                   resident_budget, slots_that_fit)
 from .quant import check_attention, quantize_attention
 from .store import MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, dense_format, store_folder
 
@@ -57,8 +57,7 @@ class Checkpoint:
         "The tensor `key`: a view of the mapping when its bytes are aligned for its dtype, else a copy."
         _, dt, shape, start, _ = self.entries[key]
         dtype, raw = ST_DTYPES[dt], self.raw(key)
-        size = torch.empty(0, dtype=dtype).element_size()
-        if start % size: raw = raw.clone()
+        if start % dtype.itemsize: raw = raw.clone()
         return raw.view(dtype).view(shape)
 
     nbytes = property(lambda self: sum(e[4] for e in self.entries.values()), doc="Bytes of all tensors.")
@@ -119,7 +118,7 @@ def expert_layout(model: nn.Module, ckpt: Checkpoint, mods: list) -> tuple:
         slot, rows = found.get((layer, field), {}), pieces.setdefault(layer, [[] for _ in range(E)])
         if sorted(slot) != list(range(E)):
             raise LayoutUnsupported(f"the checkpoint has {len(slot)} of the {E} experts of {target}")
-        off, size = formats[layer]['fields'][field][1], torch.empty(0, dtype=dtype).element_size()
+        off, size = formats[layer]['fields'][field][1], dtype.itemsize
         for e in range(E):
             parts = [slot[e][j] for j in sorted(slot[e])]
             if parts[0][2] is not None:        # slice `e` of a fused tensor
@@ -159,6 +158,9 @@ class PieceRows:
     def __getitem__(self, e: int) -> PieceRow: return self.list[e]
     def __len__(self): return len(self.list)
     def numel(self) -> int: return self.shape[0] * self.shape[1]
+    def copy_to(self, dst: torch.Tensor, non_blocking: bool = False):
+        "Every row into `dst [E, nbytes]` (a layer read into host RAM: `ExpertStore.load_layers`)."
+        for e, row in enumerate(self.list): row.copy_to(dst[e], non_blocking)
 
 def _merge(pieces: list, ckpt: Checkpoint) -> list:
     """`(offset, key, start, nbytes, dtype)` pieces as `PieceRow` pieces: byte copies where the checkpoint holds the
@@ -185,30 +187,7 @@ def checkpoint_store(ckpt: Checkpoint, formats: dict, pieces: dict) -> ExpertSto
     store.source = f"the checkpoint's safetensors files in {ckpt.folder}"
     return store
 
-# %% ../nbs/11b_checkpoint.ipynb #30904b34
-def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
-    """How many MoE layers of `per_layer` bytes (before pinning) to read into host RAM under `config`: none with
-    `store='disk'`; else as many as `config.host_memory` holds (default: the available RAM less `HOST_RESERVE`), each
-    counted as page-locking takes it on CUDA (`pinned_nbytes`)."""
-    if config.store == 'disk': return 0
-    budget = max(host_available() - HOST_RESERVE, 0) if config.host_memory is None else parse_bytes(config.host_memory, 'host_memory')
-    per = pinned_nbytes(per_layer) if config.device.type == 'cuda' else per_layer
-    return int(min(layers, budget // max(per, 1)))
-
-def check_exclusive(store: ExpertStore, config: OffloadConfig) -> int:
-    """Refuse exclusive placement when its host rows — E - C + 1 per MoE layer, page-locked on CUDA — exceed the host
-    budget (`host_memory`, default the available RAM less `HOST_RESERVE`); returns their bytes."""
-    C = config.cache_size if config.cache_size != 'auto' else auto_cache_size(store, config)
-    need = sum(pinned_nbytes((store.num_experts(l) - C + 1) * store.row_nbytes(l)) if config.device.type == 'cuda'
-               else (store.num_experts(l) - C + 1) * store.row_nbytes(l) for l in store.layers)
-    budget = max(host_available() - HOST_RESERVE, 0) if config.host_memory is None else parse_bytes(config.host_memory, 'host_memory')
-    if need > budget:
-        raise ArgumentError(f"{{placement}} keeps E - C + 1 experts per MoE layer in host RAM: {need / 2**30:.2f} GiB with "
-                            f"cache_size={C}, over the {budget / 2**30:.2f} GiB of {{host_memory:name}}: raise cache_size (fewer "
-                            f"experts left on the host) or use {{placement|inclusive}}", placement='exclusive',
-                            host_memory=config.host_memory, inclusive='inclusive')
-    return need
-
+# %% ../nbs/11b_checkpoint.ipynb #9471a71e
 def serving_dtype(checkpoint_dtype, dtype, device):
     """The dtype a checkpoint is served in: `dtype` if given; else its own, except bf16 on a GPU older than Ampere
     (compute capability below 8.0: a T4 is 7.5), which has no bf16 tensor cores — there fp16, whose overflow
@@ -252,17 +231,11 @@ def check_fp16(model: nn.Module, tokens: int = 32) -> float:
     if not torch.isfinite(logits).all(): raise ValueError("in float16 the logits overflow: load this model with dtype=torch.float32")
     return max(a for _, a in seen.values())
 
-@torch.no_grad()
-def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = True) -> nn.Module:
-    """A dense MoE checkpoint folder, offloaded as `config` says with its experts served from its own safetensors files
-    (a `checkpoint_store`), no weight of theirs read before it is needed; the other weights loaded layer by layer to
-    the device. `dtype` defaults to the checkpoint's (fp16 for bf16 on a pre-Ampere GPU: `serving_dtype`); another
-    floating dtype is converted piece by piece as the experts are copied, and a model narrowed to fp16 is checked for
-    overflow (`check_fp16`). Raises `LayoutUnsupported`, having read nothing, when the experts are not byte ranges of
-    the checkpoint in the model's layout."""
-    from tqdm.auto import tqdm
+def _skeleton(path: Path, config: OffloadConfig, dtype) -> tuple:
+    """What `load_checkpoint` and `load_plan` both start from, reading no weight: `(stored, dtype, model, mods, ckpt,
+    layout)` — the checkpoint's dtype and the one it is served in, the model with its parameters on the meta device,
+    its experts modules (checked against `config`), the indexed files, and `expert_layout`'s `(formats, pieces, keys)`."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    path = Path(path)
     try: hf = AutoConfig.from_pretrained(path)
     except Exception as e: raise ValueError(f"cannot read the config of {path}: {one_line(e)}") from None
     q = getattr(hf, 'quantization_config', None)
@@ -276,9 +249,21 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
             model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
     except ValueError as e: raise ValueError(f"{path}: transformers has no causal LM for this config ({e})") from None
     mods = check_model(model, config)
-    if config.attn_bits is not None: check_attention(model, config.attn_bits)
     ckpt = Checkpoint(path)
-    formats, pieces, keys = expert_layout(model, ckpt, mods)
+    return stored, dtype, model, mods, ckpt, expert_layout(model, ckpt, mods)
+
+@torch.no_grad()
+def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = True) -> nn.Module:
+    """A dense MoE checkpoint folder, offloaded as `config` says with its experts served from its own safetensors files
+    (a `checkpoint_store`), no weight of theirs read before it is needed; the other weights loaded layer by layer to
+    the device. `dtype` defaults to the checkpoint's (fp16 for bf16 on a pre-Ampere GPU: `serving_dtype`); another
+    floating dtype is converted piece by piece as the experts are copied, and a model narrowed to fp16 is checked for
+    overflow (`check_fp16`). Raises `LayoutUnsupported`, having read nothing, when the experts are not byte ranges of
+    the checkpoint in the model's layout."""
+    from tqdm.auto import tqdm
+    path = Path(path)
+    stored, dtype, model, mods, ckpt, (formats, pieces, keys) = _skeleton(path, config, dtype)
+    if config.attn_bits is not None: check_attention(model, config.attn_bits)
     if config.offload_folder is not None:
         raise ArgumentError("{offload_folder:name} is not needed: this checkpoint's experts are memory-mapped from its own files",
                             offload_folder=config.offload_folder)
@@ -295,11 +280,7 @@ def load_checkpoint(path, config: OffloadConfig, dtype=None, progress: bool = Tr
     if left: raise ValueError(f"the checkpoint {path} lacks weights the model needs: {left[:8]}")
     generation_config(model, path)
     store = checkpoint_store(ckpt, formats, pieces)
-    if config.placement == 'exclusive': check_exclusive(store, config)     # its host rows are the budget's
-    else:
-        per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
-        n = resident_budget(config, per, len(store.layers))
-        store.load_layers(store.layers[:n], pin=config.device if config.device.type == 'cuda' else False)
+    fill_host(store, config)                  # whole layers into RAM as host_memory allows, or exclusive rows checked
     if config.attn_bits is not None: quantize_attention(model, config.attn_bits, compute_dtype=dtype, device=config.device)
     model = attach(model, store, config)
     if dtype == torch.float16 and stored != torch.float16:
@@ -312,26 +293,17 @@ def load_plan(path, config: OffloadConfig, dtype=None) -> str:
     non-expert weights and the slots on the device (`cache_size='auto'`: what is free after them, as the engine will
     measure it), the experts read into host RAM (`host_memory`, or exclusive placement's rows) and the rest left in the
     files. Raises `LayoutUnsupported` as `load_checkpoint` would."""
-    from transformers import AutoConfig
     path = Path(path)
-    hf = AutoConfig.from_pretrained(path)
-    stored = getattr(hf, 'dtype', None) or torch.float32
-    dtype = serving_dtype(getattr(torch, stored) if isinstance(stored, str) else stored, dtype, config.device)
-    with params_on_meta(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
-    ckpt = Checkpoint(path)
-    formats, pieces, keys = expert_layout(model, ckpt, check_model(model, config))
+    _, dtype, _, _, ckpt, (formats, pieces, keys) = _skeleton(path, config, dtype)
     L, E, row = len(formats), len(next(iter(pieces.values()))), max(f['nbytes'] for f in formats.values())
     other = sum(math.prod(ckpt.entries[k][2]) for k in ckpt.entries if k not in keys) * dtype.itemsize
     gib = lambda n: f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
     C = config.cache_size
     dev = config.device
-    if C == 'auto':
-        free = (torch.cuda.mem_get_info(dev)[0] if dev.type == 'cuda' else host_available()) - other
-        reserve = 2**30 if dev.type == 'cuda' else HOST_RESERVE
-        C = int(min(E, max(free - reserve - row, 0) // (L * row)))
+    if C == 'auto':                           # as the engine will measure it, once the non-expert weights are there
+        free, reserve = device_room(dev)
+        free -= other
+        C = slots_that_fit(free - reserve, [f['nbytes'] for f in formats.values()], E)
         cache = f"cache 'auto': {C} of {E} slots per layer fit after them ({gib(free)} free, {gib(reserve)} kept)"
     else: cache = f'cache {C} of {E} slots per layer'
     lines = [f'{path}: {L} MoE layers x {E} experts of {row / 2**20:,.1f} MiB ({str(dtype).removeprefix("torch.")}), '

@@ -20,7 +20,7 @@ from .errors import ArgumentError, one_line
 from .errors import check_int
 from .experts import drop_experts, expert_params, moe_experts
 from .hub import check_safetensors, check_safetensors_file, hub_call, resolve_device
-from .offload import OffloadConfig, attach, check_host_miss, check_model, offload
+from .offload import OffloadConfig, attach, check_host_miss, check_model, fill_host, offload
 from .store import (LOCK, MANIFEST, STORE_DATA, STORE_INDEX, ExpertStore, expert_rows, folder_lock, partial_file,
                                  write_rows, write_store_index)
 from .plan import meta_model
@@ -591,15 +591,7 @@ def load_converted(name_or_path, cache_size='auto', device=None, prefetch=True, 
     generation_config(model, path)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left: raise ValueError(f"the converted model {path} lacks weights: {left[:8]}")
-    if placement == 'exclusive': resident_layers = 0       # its own host rows hold what is not on the device
-    if resident_layers is None:
-        from moe_explained.plan import host_available, parse_bytes, pinned_nbytes
-        per = max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers)
-        if device.type == 'cuda': per = pinned_nbytes(per)
-        budget = max(host_available() - 2 * 2**30, 0) if host_memory is None else parse_bytes(host_memory, 'host_memory')
-        resident_layers = int(min(L, budget // per))
-    check_int('resident_layers', resident_layers, 0, L)
-    store.load_layers(store.layers[:resident_layers], pin=device if device.type == 'cuda' else False)
+    fill_host(store, engine_config, resident_layers)   # resident layers (default: what host_memory holds), or exclusive rows
     model = attach(model, store, engine_config)
     model.moe_converted = manifest
     return model

@@ -7,8 +7,8 @@ Docs: https://moe-explained.github.io/moe_explained/offload.html.md"""
 # %% auto #0
 __all__ = ['logger', 'MISS_MODES', 'STORES', 'PLACEMENTS', 'OFFLOAD_IMPL', 'DEVICE_RESERVE', 'HOST_RESERVE', 'route',
            'expert_pairs', 'OffloadedExperts', 'OffloadConfig', 'OffloadEngine', 'check_model', 'check_host_miss',
-           'offload', 'temporary_store', 'attach', 'auto_cache_size', 'load_and_offload', 'OffloadStats',
-           'offload_stats']
+           'offload', 'temporary_store', 'attach', 'device_room', 'slots_that_fit', 'auto_cache_size', 'host_budget',
+           'resident_budget', 'check_exclusive', 'fill_host', 'load_and_offload', 'OffloadStats', 'offload_stats']
 
 # %% ../nbs/10_offload.ipynb #b4875e43
 import copy, dataclasses, logging, math, shutil, tempfile, warnings
@@ -31,7 +31,7 @@ from .moe import expert_weights
 from .quant import (QUANT_IMPL, check_attention, check_bits, expert_nbytes, quantize_attention, quantized_expert_rows,
                                  quantized_experts_forward)
 from .speculate import Speculator
-from .plan import host_available, parse_bytes
+from .plan import host_available, parse_bytes, pinned_nbytes
 from .store import ExpertStore, row_views, store_folder
 from .trace import find_moe_blocks
 
@@ -565,7 +565,16 @@ def attach(model: nn.Module, store: ExpertStore, config: OffloadConfig) -> nn.Mo
     model.generation_config.disable_compile = True
     return model.eval()
 
-DEVICE_RESERVE, HOST_RESERVE = 2**30, 2 * 2**30   # what `auto_cache_size` leaves free on a GPU, and in host RAM on CPU
+DEVICE_RESERVE, HOST_RESERVE = 2**30, 2 * 2**30   # what is left free on a GPU, and in host RAM, for everything else
+
+def device_room(device) -> tuple:
+    "`(free, reserve)`: the device's free bytes now (CUDA's, or on CPU the available host RAM) and what to leave of them."
+    if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0], DEVICE_RESERVE
+    return host_available(), HOST_RESERVE
+
+def slots_that_fit(room: int, row_nbytes: list, num_experts: int) -> int:
+    "How many slots in every MoE layer (rows of `row_nbytes`, one per layer) `room` bytes hold beside the staging buffer, at most `num_experts`."
+    return int(min(num_experts, max(room - max(row_nbytes), 0) // sum(row_nbytes)))
 
 def auto_cache_size(store: ExpertStore, config: OffloadConfig) -> int:
     """`cache_size='auto'`: the most slots per MoE layer the device holds once everything else is on it — CUDA's free
@@ -573,15 +582,49 @@ def auto_cache_size(store: ExpertStore, config: OffloadConfig) -> int:
     activations (`DEVICE_RESERVE` on CUDA, `HOST_RESERVE` on CPU) and the staging buffer — and at most the experts per
     layer. Raises a ValueError saying how much is missing when not even one slot per layer fits."""
     dev = config.device
-    free, reserve = (torch.cuda.mem_get_info(dev)[0], DEVICE_RESERVE) if dev.type == 'cuda' else (host_available(), HOST_RESERVE)
-    per = sum(store.row_nbytes(l) for l in store.layers)                 # one slot in every MoE layer
-    room = free - reserve - max(store.row_nbytes(l) for l in store.layers)
-    n = min(min(store.num_experts(l) for l in store.layers), max(room, 0) // per)
+    free, reserve = device_room(dev)
+    rows = [store.row_nbytes(l) for l in store.layers]
+    n, per = slots_that_fit(free - reserve, rows, min(store.num_experts(l) for l in store.layers)), sum(rows)
     if n < 1:
         raise ValueError(f"cache_size='auto': {dev} has {free / 2**30:.2f} GiB free; one slot per MoE layer needs "
                          f"{per / 2**30:.2f} GiB beyond the {reserve / 2**30:.0f} GiB kept for the KV cache and activations: "
                          f"free some memory, or give cache_size")
-    return int(n)
+    return n
+
+def host_budget(config: OffloadConfig) -> int:
+    "The host RAM experts read from a model's files may take: `config.host_memory`, or the available RAM less `HOST_RESERVE`."
+    if config.host_memory is None: return max(host_available() - HOST_RESERVE, 0)
+    return parse_bytes(config.host_memory, 'host_memory')
+
+def resident_budget(config: OffloadConfig, per_layer: int, layers: int) -> int:
+    """How many MoE layers of `per_layer` bytes to read into host RAM under `config`: none with `store='disk'`; else as
+    many as `host_budget` holds, each counted as page-locking takes it on CUDA (`pinned_nbytes`)."""
+    if config.store == 'disk': return 0
+    per = pinned_nbytes(per_layer) if config.device.type == 'cuda' else per_layer
+    return int(min(layers, host_budget(config) // max(per, 1)))
+
+def check_exclusive(store: ExpertStore, config: OffloadConfig) -> int:
+    """Refuse exclusive placement when its host rows — E - C + 1 per MoE layer, page-locked on CUDA — exceed
+    `host_budget`; returns their bytes."""
+    C = config.cache_size if config.cache_size != 'auto' else auto_cache_size(store, config)
+    need = sum(pinned_nbytes((store.num_experts(l) - C + 1) * store.row_nbytes(l)) if config.device.type == 'cuda'
+               else (store.num_experts(l) - C + 1) * store.row_nbytes(l) for l in store.layers)
+    budget = host_budget(config)
+    if need > budget:
+        raise ArgumentError(f"{{placement}} keeps E - C + 1 experts per MoE layer in host RAM: {need / 2**30:.2f} GiB with "
+                            f"cache_size={C}, over the {budget / 2**30:.2f} GiB of {{host_memory:name}}: raise cache_size (fewer "
+                            f"experts left on the host) or use {{placement|inclusive}}", placement='exclusive',
+                            host_memory=config.host_memory, inclusive='inclusive')
+    return need
+
+def fill_host(store: ExpertStore, config: OffloadConfig, layers: int = None):
+    """Spend the host budget of a store read from files, before `attach`: with exclusive placement, check that its host
+    rows fit (the engine allocates them); otherwise read `layers` whole MoE layers into host RAM (default:
+    `resident_budget`), page-locked for the config's GPU."""
+    if config.placement == 'exclusive': check_exclusive(store, config); return
+    if layers is None:
+        layers = resident_budget(config, max(store.row_nbytes(l) * store.num_experts(l) for l in store.layers), len(store.layers))
+    store.load_layers(store.layers[:layers], pin=config.device if config.device.type == 'cuda' else False)
 
 def load_and_offload(name_or_path=None, config: OffloadConfig = None, dtype=None, progress: bool = True, **options) -> nn.Module:
     """Load a transformers MoE model (a local folder, a hub id, or `None` for the packaged tiny Mixtral) whole, with

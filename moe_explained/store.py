@@ -118,11 +118,9 @@ class ExpertStore:
         is checked against its CRC-32 on the way in."""
         for l in layers:
             if l not in self.resident:
-                src = self.rows[l]
+                src = self.rows[l]                   # a file's rows, or a checkpoint's pieces (chapter 11b)
                 r = host_buffer(src.shape[0] * src.shape[1], pin).view(src.shape)
-                if isinstance(src, torch.Tensor): r.copy_(src)
-                else:                                # assembled from a checkpoint's pieces, row by row
-                    for e in range(r.shape[0]): copy_row(r[e], src[e])
+                copy_row(r, src)
                 self.rows[l] = r; self.resident.add(l)
                 for e in range(r.shape[0]): self.check_row(l, e)
         return self
